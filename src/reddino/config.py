@@ -1,0 +1,29 @@
+"""OmegaConf resolvers the configs use; importing this module registers them (idempotent)."""
+
+from __future__ import annotations
+
+import math
+
+from omegaconf import OmegaConf
+
+
+def _int_mul(*values: float) -> int:
+    return int(math.prod(float(v) for v in values))
+
+
+def _synthetic_classes() -> list[str]:
+    from reddino.data.synthetic import RBC_CLASSES
+
+    return list(RBC_CLASSES)
+
+
+def register_resolvers() -> None:
+    """``${int_mul:a,b}``: int(a*b), e.g. total steps = epochs x epoch length (reference rounding);
+    ``${synthetic_classes:}``: the label map of the embedded synthetic data."""
+    if not OmegaConf.has_resolver("int_mul"):
+        OmegaConf.register_new_resolver("int_mul", _int_mul)
+    if not OmegaConf.has_resolver("synthetic_classes"):
+        OmegaConf.register_new_resolver("synthetic_classes", _synthetic_classes)
+
+
+register_resolvers()

@@ -1,0 +1,116 @@
+"""The units table: one row per training/evaluation unit (a smear tile or a single cell).
+
+Every data source ends up here, so the DataModules never care where units came from. Columns:
+``file`` (absolute image path), ``x0, y0, x1, y1`` (pixel box, may extend past the image: crops pad),
+``unit`` ("patch" | "cell"), ``source``, ``subject`` (slide/patient id, globally unique), ``label``
+(class name, or None for unlabelled units).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from reddino.data.patches import square_boxes, tile_boxes
+from reddino.data.synthetic import ensure_synthetic_dataset
+
+UNIT_COLUMNS = ("file", "x0", "y0", "x1", "y1", "unit", "source", "subject", "label")
+UNIT_KINDS = ("patch", "cell")
+
+
+def validate_units(units: pd.DataFrame) -> pd.DataFrame:
+    """Check the schema and box sanity; raise naming the first offending row."""
+    missing = [c for c in UNIT_COLUMNS if c not in units.columns]
+    if missing:
+        raise ValueError(f"units table lacks columns {missing}; has {list(units.columns)}")
+    if units.empty:
+        raise ValueError("units table is empty: no images/cells matched the data configuration")
+    bad_kind = ~units["unit"].isin(UNIT_KINDS)
+    if bad_kind.any():
+        row = units[bad_kind].iloc[0]
+        raise ValueError(f"{row['file']}: unit kind {row['unit']!r} not in {UNIT_KINDS}")
+    empty = (units["x1"] <= units["x0"]) | (units["y1"] <= units["y0"])
+    if empty.any():
+        row = units[empty].iloc[0]
+        raise ValueError(f"{row['file']}: empty box {tuple(row[['x0', 'y0', 'x1', 'y1']])}")
+    return units
+
+
+def synthetic_units(
+    cache_dir: str | Path,
+    generator: Mapping[str, Any],
+    unit: str,
+    patch_size: int,
+    cell_context: float,
+    sources: Sequence[str],
+    rbc_only: bool,
+) -> pd.DataFrame:
+    """Units cut from the embedded synthetic smears (generated into ``cache_dir`` on first use).
+
+    ``unit="patch"``: non-overlapping ``patch_size`` tiles of every smear (unlabelled).
+    ``unit="cell"``: a square crop of ``cell_context`` x the cell's longer box side around each object,
+    labelled with its class; ``rbc_only`` drops white cells and platelets.
+    """
+    gen = dict(generator)
+    gen["smear_size"] = tuple(gen["smear_size"])
+    gen["cells_per_smear"] = tuple(gen["cells_per_smear"])
+    root = ensure_synthetic_dataset(cache_dir, **gen)
+    if unit == "patch":
+        table = _tile_smears(pd.read_parquet(root / "smears.parquet"), root, patch_size)
+    elif unit == "cell":
+        table = _cell_crops(pd.read_parquet(root / "cells.parquet"), root, cell_context, rbc_only)
+    else:
+        raise ValueError(f"unit must be one of {UNIT_KINDS}, got {unit!r}")
+    unknown = sorted(set(sources) - set(table["source"]))
+    if unknown:
+        raise ValueError(f"unknown synthetic sources {unknown}; available: {sorted(set(table['source']))}")
+    table = table[table["source"].isin(list(sources))].reset_index(drop=True)
+    return validate_units(table)
+
+
+def _tile_smears(smears: pd.DataFrame, root: Path, size: int) -> pd.DataFrame:
+    rows = []
+    for s in smears.itertuples(index=False):
+        boxes = tile_boxes(int(s.width), int(s.height), size)
+        rows.append(
+            pd.DataFrame(
+                {
+                    "file": str(root / s.file),
+                    "x0": boxes[:, 0],
+                    "y0": boxes[:, 1],
+                    "x1": boxes[:, 2],
+                    "y1": boxes[:, 3],
+                    "unit": "patch",
+                    "source": s.source,
+                    "subject": s.subject,
+                    "label": None,
+                }
+            )
+        )
+    if not rows:
+        raise ValueError(f"no smears listed in {root / 'smears.parquet'}")
+    return pd.concat(rows, ignore_index=True)
+
+
+def _cell_crops(cells: pd.DataFrame, root: Path, context: float, rbc_only: bool) -> pd.DataFrame:
+    if rbc_only:
+        cells = cells[cells["is_rbc"]]
+    side = context * np.maximum(cells["x1"] - cells["x0"], cells["y1"] - cells["y0"]).to_numpy()
+    boxes = square_boxes(cells["cx"].to_numpy(), cells["cy"].to_numpy(), side)
+    return pd.DataFrame(
+        {
+            "file": [str(root / f) for f in cells["file"]],
+            "x0": boxes[:, 0],
+            "y0": boxes[:, 1],
+            "x1": boxes[:, 2],
+            "y1": boxes[:, 3],
+            "unit": "cell",
+            "source": cells["source"].to_numpy(),
+            "subject": cells["subject"].to_numpy(),
+            "label": cells["label"].to_numpy(),
+        }
+    )

@@ -1,0 +1,43 @@
+"""Geometry of training units: non-overlapping tiles of a smear and square crops around cells."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def tile_boxes(width: int, height: int, size: int) -> np.ndarray:
+    """Non-overlapping ``size`` x ``size`` tiles covering the image from its top-left corner.
+
+    Returns (n, 4) int boxes (x0, y0, x1, y1), x1/y1 exclusive. Partial tiles at the right and bottom
+    edges are dropped (a smear smaller than one tile yields none).
+    """
+    if size <= 0:
+        raise ValueError(f"tile size must be positive, got {size}")
+    xs = np.arange(0, width - size + 1, size)
+    ys = np.arange(0, height - size + 1, size)
+    gx, gy = np.meshgrid(xs, ys)
+    x0, y0 = gx.ravel(), gy.ravel()
+    return np.stack([x0, y0, x0 + size, y0 + size], axis=1).astype(np.int64)
+
+
+def square_boxes(cx: np.ndarray, cy: np.ndarray, side: np.ndarray | float) -> np.ndarray:
+    """Square boxes of ``side`` pixels centred on (cx, cy); they may extend past the image (crop pads)."""
+    side = np.broadcast_to(np.asarray(side, dtype=np.float64), np.shape(cx))
+    half = side / 2.0
+    x0 = np.floor(np.asarray(cx) - half).astype(np.int64)
+    y0 = np.floor(np.asarray(cy) - half).astype(np.int64)
+    s = np.maximum(np.round(side).astype(np.int64), 1)
+    return np.stack([x0, y0, x0 + s, y0 + s], axis=1)
+
+
+def crop_padded(image: np.ndarray, box: tuple[int, int, int, int] | np.ndarray) -> np.ndarray:
+    """Crop (x0, y0, x1, y1) from an (H, W, C) image, replicating edge pixels where the box leaves it."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"empty box {box}")
+    h, w = image.shape[:2]
+    inside = image[max(y0, 0) : min(y1, h), max(x0, 0) : min(x1, w)]
+    if inside.size == 0:
+        raise ValueError(f"box {box} lies outside the image of size {w}x{h}")
+    pad = ((max(-y0, 0), max(y1 - h, 0)), (max(-x0, 0), max(x1 - w, 0))) + ((0, 0),) * (image.ndim - 2)
+    return np.pad(inside, pad, mode="edge") if any(p for pair in pad for p in pair) else inside

@@ -1,0 +1,1 @@
+"""Frozen-feature evaluation: feature extraction, k-NN, metrics and split protocols."""

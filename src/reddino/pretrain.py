@@ -1,0 +1,150 @@
+"""``reddino-pretrain`` / ``make pretrain``: compose the config, train, export the teacher, report k-NN.
+
+Thin on purpose: every choice is in ``conf/``; this file only instantiates and calls Lightning.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import reddino.config  # noqa: F401  (registers the ${int_mul:...} resolver)
+from reddino.data.datasets import LabelledUnitDataset, eval_transform
+from reddino.data.masking import SSLCollator
+from reddino.eval.features import extract_cls_features
+from reddino.eval.knn_report import format_table, grouped_knn_scores
+from reddino.ssl.export import export_timm
+from reddino.ssl.module import DinoV2Module
+
+log = logging.getLogger("reddino.pretrain")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def build_collator(cfg: DictConfig) -> SSLCollator:
+    """iBOT mask collator on the patch grid of the global crops."""
+    grid = cfg.ssl.crops.global_size // cfg.model.patch_size
+    m = cfg.ssl.masking
+    return SSLCollator(
+        patch_grid=(grid, grid),
+        mask_ratio_min_max=tuple(m.mask_ratio_min_max),
+        mask_sample_probability=m.mask_sample_probability,
+        min_num_patches=m.min_num_patches,
+        min_aspect=m.min_aspect,
+        seed=cfg.seed,
+    )
+
+
+def build_module(cfg: DictConfig, backbone: torch.nn.Module) -> DinoV2Module:
+    s = cfg.ssl
+    return DinoV2Module(
+        backbone,
+        head=OmegaConf.to_container(s.head, resolve=True),
+        loss=OmegaConf.to_container(s.loss, resolve=True),
+        centering=OmegaConf.to_container(s.centering, resolve=True),
+        teacher=OmegaConf.to_container(s.teacher, resolve=True),
+        optim=OmegaConf.to_container(s.optim, resolve=True),
+        n_local_crops=s.crops.n_local,
+        fused_optimizer=cfg.fused_adamw,
+    )
+
+
+def build_trainer(cfg: DictConfig) -> pl.Trainer:
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+
+
+def knn_evaluation(cfg: DictConfig, backbones: dict[str, torch.nn.Module]) -> dict[str, Any]:
+    """k-NN on held-out labelled units (a source never seen in pretraining), grouped by subject."""
+    r = cfg.report
+    units = instantiate(cfg.data.eval_units)
+    if r.max_units is not None and len(units) > r.max_units:
+        units = units.sample(n=r.max_units, random_state=cfg.seed).reset_index(drop=True)
+    classes = list(cfg.data.classes)
+    dataset = LabelledUnitDataset(
+        units, eval_transform(cfg.ssl.crops.global_size, cfg.augment.mean, cfg.augment.std), classes, 64
+    )
+    groups = units["subject"].to_numpy()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results: dict[str, Any] = {}
+    for name, net in backbones.items():
+        feats, labels = extract_cls_features(net, dataset, r.batch_size, 0, device)
+        results[name] = grouped_knn_scores(feats, labels, groups, r.ks, len(classes), r.n_splits, cfg.seed)
+    return {
+        "protocol": {
+            "units": len(units),
+            "sources": sorted(set(units["source"])),
+            "subjects": int(len(set(groups))),
+            "classes": classes,
+            "folds": f"{r.n_splits}-fold stratified, grouped by subject",
+            "knn": "euclidean distance, uniform votes, raw final-norm CLS features",
+        },
+        "results": results,
+    }
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train, export and evaluate; returns what was written to ``results.json``."""
+    pl.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    datamodule = instantiate(
+        cfg.data.loader,
+        units=instantiate(cfg.data.pretrain_units),
+        transform=instantiate(cfg.augment),
+        collate_fn=build_collator(cfg),
+    )
+    backbone = instantiate(cfg.model)
+    initial = copy.deepcopy(backbone)  # the random init training starts from: the baseline to beat
+    module = build_module(cfg, backbone)
+    trainer = build_trainer(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    summary: dict[str, Any] = {"steps": int(trainer.global_step)}
+    if trainer.is_global_zero:
+        model_args = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
+        arch = model_args.pop("arch")
+        model_args.update(model_args.pop("overrides"))
+        weights = export_timm(module.teacher["backbone"], out / "export", arch, model_args,
+                              cfg.augment.mean, cfg.augment.std)
+        summary["exported"] = str(weights)
+        if cfg.report.enabled:
+            report = knn_evaluation(cfg, {"pretrained_teacher": module.teacher["backbone"], "random_init": initial})
+            summary.update(report)
+            table = format_table(report["results"])
+            (out / "results.md").write_text(table + "\n")
+            log.info("k-NN on held-out units %s:\n%s", report["protocol"], table)
+            print(f"\nk-NN evaluation on held-out {report['protocol']['sources']} ({out}):\n{table}\n")
+            for lg in trainer.loggers:
+                lg.log_metrics(_flatten_scores(report["results"]), step=trainer.global_step)
+        (out / "results.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _flatten_scores(results: dict[str, Any]) -> dict[str, float]:
+    return {
+        f"knn/{model}/{k}/{metric}": s["mean"]
+        for model, by_k in results.items()
+        for k, by_metric in by_k.items()
+        for metric, s in by_metric.items()
+    }
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pretrain")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Export a trained teacher backbone as timm-loadable safetensors plus its model config."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from reddino.ssl.backbone import timm_state_dict
+
+
+def export_timm(
+    backbone: VisionTransformer,
+    out_dir: str | Path,
+    arch: str,
+    model_args: Mapping[str, Any],
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Path:
+    """Write ``model.safetensors`` (timm key names, no mask token) and ``config.json`` in the Hugging Face
+    timm layout (architecture, num_features, model_args, pretrained_cfg with input size and normalisation).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous().cpu() for k, v in timm_state_dict(backbone).items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "producer": "reddino"})
+    size = int(backbone.patch_embed.img_size[0])
+    config = {
+        "architecture": arch,
+        "num_classes": 0,
+        "num_features": int(backbone.num_features),
+        "global_pool": "token",
+        "model_args": dict(model_args),
+        "pretrained_cfg": {
+            "input_size": [3, size, size],
+            "fixed_input_size": not getattr(backbone, "dynamic_img_size", False),
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": list(mean),
+            "std": list(std),
+            "num_classes": 0,
+            "first_conv": "patch_embed.proj",
+        },
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out / "model.safetensors"

@@ -1,0 +1,217 @@
+"""The DINOv2 / RedDino LightningModule: wires backbone, heads, losses, centering, schedules and EMA.
+
+All math lives in the sibling modules (losses, centering, schedules, ema, param_groups); this class only
+decides what runs on which tensors in which order, following the reference's loss assembly
+(REFERENCE.md 1.7) and its optimiser / teacher update (1.5-1.6).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from reddino.ssl.backbone import forward_tokens, timm_state_dict
+from reddino.ssl.centering import build_centering
+from reddino.ssl.distributed import all_reduce_sum_
+from reddino.ssl.ema import ema_param_pairs, ema_update_
+from reddino.ssl.heads import DINOHead
+from reddino.ssl.losses import dino_loss_terms, ibot_patch_loss, koleo_loss
+from reddino.ssl.param_groups import apply_schedules_, build_param_groups
+from reddino.ssl.schedules import SSLSchedules, scale_lr
+
+
+def build_ssl_networks(backbone: VisionTransformer, head: Mapping[str, Any]) -> nn.ModuleDict:
+    """Backbone plus DINO head (and a separate iBOT head when not shared), keyed as in DINOv2 checkpoints."""
+    dim = int(backbone.embed_dim)
+    common = dict(hidden_dim=head["hidden_dim"], bottleneck_dim=head["bottleneck_dim"], nlayers=head["nlayers"])
+    nets = nn.ModuleDict(
+        {"backbone": backbone, "dino_head": DINOHead(in_dim=dim, out_dim=head["n_prototypes"], **common)}
+    )
+    if not head["shared_ibot_head"]:
+        nets["ibot_head"] = DINOHead(in_dim=dim, out_dim=head["ibot_n_prototypes"], **common)
+    return nets
+
+
+def assert_finite(terms: Mapping[str, Tensor], step: int) -> None:
+    """Stop the run with a message naming what diverged (the reference only asserted 'NaN detected')."""
+    bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v).all()}
+    if bad:
+        values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+        raise FloatingPointError(
+            f"non-finite loss at step {step}: {sorted(bad)} diverged ({values}). Lower the learning rate, "
+            "check the inputs for NaNs, or raise ssl.loss.koleo_eps if KoLeo is the culprit."
+        )
+
+
+class DinoV2Module(pl.LightningModule):
+    """Student/teacher self-distillation with DINO (CLS) and iBOT (masked patch) losses."""
+
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        head: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        centering: Mapping[str, Any],
+        teacher: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        n_local_crops: int,
+        fused_optimizer: bool,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"])
+        self.student = build_ssl_networks(backbone, head)
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher.requires_grad_(False)
+        self.loss_cfg = dict(loss)
+        self.teacher_cfg = dict(teacher)
+        self.optim_cfg = dict(optim)
+        self.n_local_crops = int(n_local_crops)
+        self.fused_optimizer = fused_optimizer
+        method, iters, mom = centering["method"], centering["sinkhorn_iterations"], centering["center_momentum"]
+        ibot_k = head["n_prototypes"] if head["shared_ibot_head"] else head["ibot_n_prototypes"]
+        self.dino_centering = build_centering(method, head["n_prototypes"], iters, mom, patch=False)
+        self.ibot_centering = build_centering(method, ibot_k, iters, mom, patch=True)
+        self.schedules: SSLSchedules | None = None
+        self._step_values: dict[str, float] = {}
+        self._ema_pairs: tuple[list[Tensor], list[Tensor]] = ([], [])
+
+    # ----------------------------------------------------------------------------------- set-up
+    @property
+    def n_blocks(self) -> int:
+        return len(self.student["backbone"].blocks)
+
+    def global_batch_size(self) -> int:
+        """Images per optimiser step over all devices: the batch the lr scaling rule refers to."""
+        loader = self.trainer.datamodule.batch_size if self.trainer.datamodule is not None else None
+        if loader is None:
+            raise RuntimeError("DinoV2Module needs a datamodule exposing batch_size for the lr scaling rule")
+        return int(loader) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def build_schedules(self, global_batch: int) -> SSLSchedules:
+        o, t = self.optim_cfg, self.teacher_cfg
+        return SSLSchedules.from_config(
+            total_steps=int(o["total_steps"]),
+            epoch_length=int(o["epoch_length"]),
+            lr=scale_lr(o["base_lr"], global_batch, o["scaling_rule"]),
+            min_lr=o["min_lr"],
+            warmup_epochs=o["warmup_epochs"],
+            weight_decay=o["weight_decay"],
+            weight_decay_end=o["weight_decay_end"],
+            momentum_teacher=t["momentum_teacher"],
+            final_momentum_teacher=t["final_momentum_teacher"],
+            warmup_teacher_temp=t["warmup_teacher_temp"],
+            teacher_temp=t["teacher_temp"],
+            warmup_teacher_temp_epochs=t["warmup_teacher_temp_epochs"],
+            freeze_last_layer_epochs=o["freeze_last_layer_epochs"],
+        )
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.schedules is None:
+            self.schedules = self.build_schedules(self.global_batch_size())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = build_param_groups(
+            self.student,
+            patch_embed_lr_mult=self.optim_cfg["patch_embed_lr_mult"],
+            layerwise_decay=self.optim_cfg["layerwise_decay"],
+            n_blocks=self.n_blocks,
+        )
+        for g in groups:
+            g.pop("names", None)
+        use_fused = self.fused_optimizer and self.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(self.optim_cfg["betas"]), fused=use_fused or None)
+
+    # -------------------------------------------------------------------------------- training
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        assert self.schedules is not None
+        self._step_values = self.schedules.values(self.global_step)
+        v = self._step_values
+        for opt in self.trainer.optimizers:
+            apply_schedules_(opt, lr=v["lr"], weight_decay=v["weight_decay"], last_layer_lr=v["last_layer_lr"])
+
+    def ibot_head(self, nets: nn.ModuleDict) -> nn.Module:
+        return nets["ibot_head"] if "ibot_head" in nets else nets["dino_head"]
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: Mapping[str, Any], teacher_temp: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher CLS and masked-patch target distributions on the unmasked global crops."""
+        self.teacher.eval()
+        out = forward_tokens(self.teacher["backbone"], batch["global_crops"])
+        cls_logits = self.teacher["dino_head"](out.cls).float()
+        patches = out.patches.flatten(0, 1)[batch["mask_indices"]]
+        patch_logits = self.ibot_head(self.teacher)(patches).float()
+        n_masked_total = all_reduce_sum_(batch["n_masked_patches"].detach().clone().to(patch_logits.device))
+        cls_probs = self.dino_centering.targets(cls_logits, teacher_temp)
+        patch_probs = self.ibot_centering.targets(patch_logits, teacher_temp, n_samples_total=n_masked_total)
+        return cls_probs, patch_probs, cls_logits
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        step = self.global_step
+        temp = self._step_values["teacher_temp"]
+        student_temp = self.loss_cfg["student_temp"]
+        cls_probs, patch_probs, _ = self.teacher_targets(batch, temp)
+
+        out = forward_tokens(self.student["backbone"], batch["global_crops"], batch["masks"])
+        cls_logits = self.student["dino_head"](out.cls)
+        patch_logits = self.ibot_head(self.student)(out.patches.flatten(0, 1)[batch["mask_indices"]])
+        local_logits = None
+        if self.n_local_crops > 0:
+            local = forward_tokens(self.student["backbone"], batch["local_crops"])
+            local_logits = self.student["dino_head"](local.cls)
+
+        terms = dino_loss_terms(cls_logits, cls_probs, local_logits, self.n_local_crops, student_temp)
+        terms["ibot"] = ibot_patch_loss(
+            patch_logits, patch_probs, batch["masks_weight"], batch["n_images"], student_temp
+        )
+        weights = {"dino_global": "dino_weight", "dino_local": "dino_weight", "ibot": "ibot_weight"}
+        if self.loss_cfg["koleo_weight"] > 0:
+            chunks = out.cls.chunk(2)
+            terms["koleo"] = sum(koleo_loss(c, self.loss_cfg["koleo_eps"]) for c in chunks)
+            weights["koleo"] = "koleo_weight"
+        total = sum(self.loss_cfg[weights[k]] * v for k, v in terms.items())
+        assert_finite({**terms, "total": total}, step)
+
+        self.log_step(terms, total, cls_probs, out.cls, batch_size=batch["global_crops"].shape[0] // 2)
+        return total
+
+    def log_step(self, terms: dict[str, Tensor], total: Tensor, probs: Tensor, cls: Tensor, batch_size: int) -> None:
+        """Loss terms, schedules and collapse monitors (teacher entropy, spread of normalised CLS)."""
+        logs = {f"train/{k}": v.detach() for k, v in terms.items()}
+        logs["train/loss"] = total.detach()
+        logs.update({f"schedule/{k}": float(v) for k, v in self._step_values.items()})
+        with torch.no_grad():
+            entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+            cls_std = F.normalize(cls.detach().float(), dim=-1).std(dim=0).mean()
+        logs["monitor/teacher_entropy"] = entropy
+        logs["monitor/cls_std"] = cls_std
+        logs["monitor/cls_std_uniform"] = torch.tensor(cls.shape[-1] ** -0.5)
+        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, batch_size=batch_size, sync_dist=False)
+        self.log("loss", total.detach(), prog_bar=True, on_step=True, batch_size=batch_size)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        """Clip each student submodule separately, as the reference does (backbone and heads)."""
+        clip = self.optim_cfg["clip_grad"]
+        if clip and clip > 0:
+            for sub in self.student.values():
+                torch.nn.utils.clip_grad_norm_(sub.parameters(), clip)
+
+    def on_train_start(self) -> None:
+        self._ema_pairs = ema_param_pairs(self.teacher, self.student)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        teacher, student = self._ema_pairs
+        ema_update_(teacher, student, self._step_values["momentum"])
+
+    # ------------------------------------------------------------------------------------ export
+    def teacher_backbone_state(self) -> dict[str, Tensor]:
+        """Teacher backbone weights with timm key names (what gets exported and evaluated)."""
+        return timm_state_dict(self.teacher["backbone"])

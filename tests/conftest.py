@@ -1,0 +1,49 @@
+"""Shared fixtures: Hydra composition of the real configs at test sizes, and data-root detection."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+import reddino.config  # noqa: F401  (resolvers)
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose_config(config_name: str, overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:
+    """Compose like the CLI would (hydra config included) and point outputs/caches into tmp dirs."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = str(cache_dir)
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache dir for generated synthetic data, shared by all tests of a session."""
+    return tmp_path_factory.mktemp("reddino-cache")
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, synthetic_cache: Path):
+    def factory(*overrides: str, config_name: str = "pretrain") -> DictConfig:
+        return compose_config(config_name, list(overrides), tmp_path / "run", synthetic_cache)
+
+    yield factory
+    GlobalHydra.instance().clear()
+
+
+def data_root() -> Path | None:
+    root = os.environ.get("REDDINO_DATA_ROOT")
+    return Path(root) if root and Path(root).is_dir() else None
