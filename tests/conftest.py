@@ -23,9 +23,9 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path, cac
         cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
+        del cfg["hydra"]  # as under @hydra.main: the job config has no hydra node (resolvers still work)
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.cache_dir = str(cache_dir)
-        cfg.hydra.runtime.output_dir = str(output_dir)
     return cfg
 
 

@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
 import reddino.config  # noqa: F401  (registers the ${int_mul:...} resolver)
 from reddino.data.datasets import LabelledUnitDataset, eval_transform
@@ -129,7 +130,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             for lg in trainer.loggers:
                 lg.log_metrics(_flatten_scores(report["results"]), step=trainer.global_step)
         (out / "results.json").write_text(json.dumps(summary, indent=2))
+    close_loggers(trainer)
     return summary
+
+
+def close_loggers(trainer: pl.Trainer) -> None:
+    """Flush every logger; end the W&B run so the next run in this process (multirun, tests) starts its own."""
+    for lg in trainer.loggers:
+        lg.save()
+        if isinstance(lg, WandbLogger) and lg._experiment is not None:
+            lg.experiment.finish()
 
 
 def _flatten_scores(results: dict[str, Any]) -> dict[str, float]:

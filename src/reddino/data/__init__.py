@@ -1,0 +1,1 @@
+"""Datasets, augmentations and batch collation (iBOT masking) for RBC pretraining."""

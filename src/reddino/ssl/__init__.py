@@ -1,0 +1,1 @@
+"""Self-supervised pretraining components (DINOv2 / iBOT heads, losses, centering)."""

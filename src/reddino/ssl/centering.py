@@ -1,0 +1,182 @@
+"""Teacher target construction: Sinkhorn-Knopp (RedDino's choice) and moving-average centering.
+
+Both expose ``targets(teacher_logits, teacher_temp, n_samples_total=None) -> probs`` so the training
+module does not care which one the config picked (REFERENCE 2.3, 2.4). Every collective goes through
+:mod:`reddino.ssl.distributed`, so results with W processes equal one process on the full batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from reddino.ssl.distributed import all_reduce_max_, all_reduce_sum_, all_reduce_sum_async_, world_size
+
+CENTERING_METHODS = ("sinkhorn_knopp", "centering")
+
+
+def _per_prototype_max(logits: torch.Tensor) -> torch.Tensor:
+    """Max over all samples of all ranks for each prototype, shape [K] (-inf where no rank has samples)."""
+    if logits.shape[0] == 0:
+        local_max = logits.new_full((logits.shape[1],), float("-inf"))
+    else:
+        local_max = logits.amax(dim=0)
+    return all_reduce_max_(local_max)
+
+
+def _as_total(n_samples_total: torch.Tensor | int | None, n_local: int, device: torch.device) -> torch.Tensor:
+    """Number of samples over all ranks that the assignment spreads mass over, as a float32 scalar."""
+    if n_samples_total is None:
+        return torch.tensor(float(n_local * world_size()), device=device)
+    if isinstance(n_samples_total, torch.Tensor):
+        return n_samples_total.to(device=device, dtype=torch.float32).reshape(())
+    return torch.tensor(float(n_samples_total), device=device)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    teacher_logits: torch.Tensor,
+    teacher_temp: float,
+    n_iterations: int,
+    n_samples_total: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """Sinkhorn-Knopp teacher targets [N, K] computed in float32, exactly as REFERENCE 2.4.
+
+    ``n_samples_total`` is the number of samples over all ranks: N * world_size for CLS tokens (the
+    default); for iBOT the caller passes the all-reduced count of masked patches, since ranks hold
+    different numbers of them. Every rank must call this (collectives), even with N = 0.
+
+    One addition to the reference: each prototype's logits are shifted by their max over all samples of
+    all ranks before ``exp``. That multiplies row k of Q by a constant, which the first row
+    normalisation removes exactly (the global normalisation before it is a scalar), so the output is
+    the same up to float rounding. It prevents the overflow of exp(logits / 0.04) for logits above ~3.5
+    and guarantees no prototype row underflows to all zeros (0/0 = NaN in the reference).
+    """
+    if n_iterations < 1:
+        raise ValueError(f"Sinkhorn-Knopp needs n_iterations >= 1, got {n_iterations}")
+    logits = teacher_logits.float()
+    n_samples, n_prototypes = logits.shape
+    total = _as_total(n_samples_total, n_samples, logits.device)
+    shifted = logits - _per_prototype_max(logits)
+    q = torch.exp(shifted / teacher_temp).T  # K x N as in the reference
+    q /= all_reduce_sum_(q.sum())
+    for _ in range(n_iterations):
+        # each prototype (row) gets total mass 1/K over all ranks
+        q /= all_reduce_sum_(q.sum(dim=1, keepdim=True))
+        q /= n_prototypes
+        # each sample (column, local to this rank) gets mass 1/B_total
+        q /= q.sum(dim=0, keepdim=True)
+        q /= total
+    q *= total  # columns sum to 1: each sample gets a distribution over prototypes
+    return q.T.contiguous()
+
+
+class SinkhornKnoppCentering(nn.Module):
+    """Stateless Sinkhorn-Knopp targets behind the common ``targets`` interface."""
+
+    def __init__(self, n_iterations: int) -> None:
+        super().__init__()
+        if n_iterations < 1:
+            raise ValueError(f"Sinkhorn-Knopp needs n_iterations >= 1, got {n_iterations}")
+        self.n_iterations = n_iterations
+
+    @torch.no_grad()
+    def targets(
+        self,
+        teacher_logits: torch.Tensor,
+        teacher_temp: float,
+        n_samples_total: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        return sinkhorn_knopp(teacher_logits, teacher_temp, self.n_iterations, n_samples_total)
+
+    def extra_repr(self) -> str:
+        return f"n_iterations={self.n_iterations}"
+
+
+class MovingAverageCentering(nn.Module):
+    """DINO moving-average centering with the reference's one-step lag (REFERENCE 2.3).
+
+    ``update`` starts an (async) all-reduce of this batch's statistics; the centre moves only at the
+    next ``softmax_center`` call, so the reduction overlaps with the rest of the training step.
+
+    The reduced vector carries a weight in its last slot so ranks always agree:
+    - CLS (``patch=False``): sum of logits and sample count, batch centre = global mean over all
+      ranks. Equals the reference's sum / (N_local * world) since DDP ranks hold equal batches.
+    - iBOT (``patch=True``): the reference reduces the per-rank mean of the masked tokens and
+      divides by world size (its ``len`` is 1 after ``unsqueeze(0)``), i.e. the mean of per-rank means.
+      Same here, with each rank weighted 1 if it has masked tokens, else 0, so a rank without masked
+      tokens cannot inject NaN. The centre is not moved if no rank has any token.
+    """
+
+    def __init__(self, out_dim: int, momentum: float, patch: bool) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.patch = patch
+        shape = (1, 1, out_dim) if patch else (1, out_dim)
+        self.register_buffer("center", torch.zeros(shape))
+        self._pending: torch.Tensor | None = None
+        self._handle: torch.distributed.Work | None = None
+
+    def _local_statistics(self, logits: torch.Tensor) -> torch.Tensor:
+        """[K + 1] vector: contribution to the centre numerator, then its weight."""
+        n_rows = logits.shape[0]
+        if self.patch:
+            numerator = logits.mean(dim=0) if n_rows > 0 else logits.new_zeros(logits.shape[1])
+            weight = float(n_rows > 0)
+        else:
+            numerator = logits.sum(dim=0)
+            weight = float(n_rows)
+        return torch.cat((numerator, numerator.new_full((1,), weight)))
+
+    @torch.no_grad()
+    def update(self, teacher_logits: torch.Tensor) -> None:
+        """Queue this batch's centre update (teacher logits [N, K]); applied at the next call."""
+        self.apply_pending_update()
+        stats = self._local_statistics(teacher_logits.detach().float().reshape(-1, self.center.shape[-1]))
+        self._handle = all_reduce_sum_async_(stats)
+        self._pending = stats
+
+    @torch.no_grad()
+    def apply_pending_update(self) -> None:
+        """center <- m * center + (1 - m) * batch_center, for the update queued by ``update``."""
+        if self._pending is None:
+            return
+        if self._handle is not None:
+            self._handle.wait()
+        numerator, weight = self._pending[:-1], self._pending[-1]
+        batch_center = (numerator / weight).reshape(self.center.shape).to(self.center.device)
+        moved = self.center * self.momentum + batch_center * (1 - self.momentum)
+        self.center.copy_(torch.where(weight.to(self.center.device) > 0, moved, self.center))
+        self._pending, self._handle = None, None
+
+    @torch.no_grad()
+    def softmax_center(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """softmax((t - center) / temp) over prototypes, after applying the previous batch's update."""
+        self.apply_pending_update()
+        center = self.center.reshape(1, -1)
+        return torch.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def targets(
+        self,
+        teacher_logits: torch.Tensor,
+        teacher_temp: float,
+        n_samples_total: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """Centred targets with the current centre, then queue the update (``n_samples_total`` unused)."""
+        del n_samples_total  # only Sinkhorn-Knopp needs the global count
+        probs = self.softmax_center(teacher_logits, teacher_temp)
+        self.update(teacher_logits)
+        return probs
+
+    def extra_repr(self) -> str:
+        return f"momentum={self.momentum}, patch={self.patch}"
+
+
+def build_centering(method: str, out_dim: int, n_iterations: int, momentum: float, patch: bool) -> nn.Module:
+    """Centering module for ``train.centering`` in {"sinkhorn_knopp", "centering"}."""
+    if method == "sinkhorn_knopp":
+        return SinkhornKnoppCentering(n_iterations)
+    if method == "centering":
+        return MovingAverageCentering(out_dim, momentum, patch)
+    raise ValueError(f"unknown centering method {method!r}; expected one of {CENTERING_METHODS}")

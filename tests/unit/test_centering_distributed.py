@@ -1,0 +1,163 @@
+"""Centering with 2 gloo processes must equal one process on the full batch.
+
+Each rank holds a slice of a fixed global batch; the collectives inside Sinkhorn-Knopp and the
+moving-average centre must make every rank's result identical to the single-process computation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from reddino.ssl.centering import MovingAverageCentering, sinkhorn_knopp
+from reddino.ssl.distributed import all_reduce_sum_, is_dist, world_size
+
+pytestmark = pytest.mark.distributed
+
+WORLD = 2
+K = 12
+N_CLS_PER_RANK = 4
+PATCHES_PER_RANK = (3, 7)  # unequal masked-patch counts, as happens with iBOT masking
+EMPTY_FIRST_RANK = (0, 10)  # a rank without masked patches must still join the collectives
+EQUAL_PATCHES_PER_RANK = 5
+N_STEPS = 3
+TEMP = 0.05
+MOMENTUM = 0.9
+N_ITER = 3
+
+
+def _global_data() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1234)
+    return {
+        "cls": torch.randn(WORLD * N_CLS_PER_RANK, K, generator=gen) * 2,
+        "patch": torch.randn(sum(PATCHES_PER_RANK), K, generator=gen) * 2,
+        "cls_steps": torch.randn(N_STEPS, WORLD * N_CLS_PER_RANK, K, generator=gen),
+        "patch_steps": torch.randn(N_STEPS, WORLD * EQUAL_PATCHES_PER_RANK, K, generator=gen),
+        "uneq_patch_steps": torch.randn(N_STEPS, sum(PATCHES_PER_RANK), K, generator=gen),
+    }
+
+
+def _rank_slice(n_per_rank: tuple[int, ...], rank: int) -> slice:
+    start = sum(n_per_rank[:rank])
+    return slice(start, start + n_per_rank[rank])
+
+
+def _run_centering(
+    module: MovingAverageCentering, steps: list[torch.Tensor]
+) -> dict[str, list[torch.Tensor]]:
+    probs, centers = [], []
+    for batch in steps:
+        probs.append(module.targets(batch, TEMP))
+        centers.append(module.center.clone())
+    module.apply_pending_update()
+    centers.append(module.center.clone())
+    return {"probs": probs, "centers": centers}
+
+
+def _compute(rank: int, n_ranks: int) -> dict:
+    """Everything the test compares, on this rank's slice (n_ranks=1: the full batch)."""
+    data = _global_data()
+    cls_split = (N_CLS_PER_RANK * WORLD // n_ranks,) * n_ranks
+    patch_split = PATCHES_PER_RANK if n_ranks == WORLD else (sum(PATCHES_PER_RANK),)
+    eq_split = (EQUAL_PATCHES_PER_RANK * WORLD // n_ranks,) * n_ranks
+    cls = data["cls"][_rank_slice(cls_split, rank)]
+    patch = data["patch"][_rank_slice(patch_split, rank)]
+    n_masked = all_reduce_sum_(torch.tensor(patch.shape[0]))
+    empty_split = EMPTY_FIRST_RANK if n_ranks == WORLD else (sum(EMPTY_FIRST_RANK),)
+    patch_empty = data["patch"][_rank_slice(empty_split, rank)]
+    n_masked_empty = all_reduce_sum_(torch.tensor(patch_empty.shape[0]))
+    empty_module = MovingAverageCentering(K, MOMENTUM, patch=True)
+    cls_module = MovingAverageCentering(K, MOMENTUM, patch=False)
+    patch_module = MovingAverageCentering(K, MOMENTUM, patch=True)
+    uneq_module = MovingAverageCentering(K, MOMENTUM, patch=True)
+    return {
+        "world": world_size(),
+        "sk_cls": sinkhorn_knopp(cls, TEMP, N_ITER),
+        "sk_patch": sinkhorn_knopp(patch, TEMP, N_ITER, n_samples_total=n_masked),
+        "n_masked": int(n_masked),
+        "sk_patch_empty_rank": sinkhorn_knopp(patch_empty, TEMP, N_ITER, n_samples_total=n_masked_empty),
+        "ma_patch_empty_rank": _run_centering(empty_module, [patch_empty]),
+        "ma_cls": _run_centering(cls_module, [s[_rank_slice(cls_split, rank)] for s in data["cls_steps"]]),
+        "ma_patch": _run_centering(
+            patch_module, [s[_rank_slice(eq_split, rank)] for s in data["patch_steps"]]
+        ),
+        "ma_patch_unequal": _run_centering(
+            uneq_module, [s[_rank_slice(patch_split, rank)] for s in data["uneq_patch_steps"]]
+        ),
+    }
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.save(_compute(rank, WORLD), Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("dist")
+    mp.start_processes(
+        _worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True, start_method="spawn"
+    )
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single() -> dict:
+    assert not is_dist()
+    return _compute(0, 1)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_workers_ran_distributed(results):
+    assert [r["world"] for r in results] == [WORLD, WORLD]
+    assert [r["n_masked"] for r in results] == [sum(PATCHES_PER_RANK)] * WORLD
+
+
+def test_sinkhorn_cls_equals_full_batch(results, single):
+    _close(torch.cat([r["sk_cls"] for r in results]), single["sk_cls"])
+
+
+def test_sinkhorn_ibot_with_unequal_patch_counts_equals_full_batch(results, single):
+    assert [r["sk_patch"].shape[0] for r in results] == list(PATCHES_PER_RANK)
+    _close(torch.cat([r["sk_patch"] for r in results]), single["sk_patch"])
+
+
+@pytest.mark.parametrize("key", ["ma_cls", "ma_patch"])
+def test_moving_average_centers_and_targets_equal_full_batch(results, single, key):
+    for step in range(N_STEPS + 1):
+        for r in results:
+            _close(r[key]["centers"][step], single[key]["centers"][step])
+    for step in range(N_STEPS):
+        _close(torch.cat([r[key]["probs"][step] for r in results]), single[key]["probs"][step])
+
+
+def test_patch_centering_with_unequal_counts_averages_rank_means_and_ranks_agree(results):
+    # The reference all-reduces each rank's mean of masked tokens and divides by the world size.
+    data = _global_data()
+    center = torch.zeros(1, 1, K)
+    for step in range(N_STEPS):
+        batch = data["uneq_patch_steps"][step]
+        rank_means = [batch[_rank_slice(PATCHES_PER_RANK, r)].mean(dim=0) for r in range(WORLD)]
+        center = MOMENTUM * center + (1 - MOMENTUM) * torch.stack(rank_means).mean(dim=0)
+    for r in results:
+        _close(r["ma_patch_unequal"]["centers"][-1], center)
+
+
+def test_rank_without_masked_patches(results, single):
+    assert [r["sk_patch_empty_rank"].shape[0] for r in results] == list(EMPTY_FIRST_RANK)
+    _close(torch.cat([r["sk_patch_empty_rank"] for r in results]), single["sk_patch_empty_rank"])
+    # only the rank holding tokens contributes a mean; the empty rank neither adds NaN nor dilutes it
+    for r in results:
+        _close(r["ma_patch_empty_rank"]["centers"][-1], single["ma_patch_empty_rank"]["centers"][-1])

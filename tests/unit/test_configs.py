@@ -1,0 +1,78 @@
+"""Every config group option and every experiment composes, resolves and instantiates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from reddino.pretrain import build_collator, build_module
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_groups_exist():
+    for group in ("ssl", "model", "augment", "data", "trainer", "logger", "callbacks", "experiment", "debug"):
+        assert options(group), f"conf/{group} is empty"
+    assert {"reddino", "dinov2", "dinobloom"} <= set(options("ssl"))
+    assert {"vit_tiny", "vit_s14", "vit_b14", "vit_l14", "vit_g14"} <= set(options("model"))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"{g}={o}" for g in ("ssl", "model", "augment", "data", "trainer", "logger", "callbacks", "debug")
+     for o in options(g)],
+)
+def test_group_option_composes_and_resolves(make_cfg, override):
+    cfg = make_cfg(override)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert container["ssl"]["optim"]["total_steps"] == int(
+        container["ssl"]["optim"]["epochs"] * container["ssl"]["optim"]["epoch_length"]
+    )
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiment_instantiates(make_cfg, experiment):
+    cfg = make_cfg(f"experiment={experiment}")
+    OmegaConf.to_container(cfg, resolve=True)
+    with torch.device("meta"):  # full-size ViT-g + 131072-prototype heads without allocating memory
+        backbone = instantiate(cfg.model)
+        module = build_module(cfg, backbone)
+    assert backbone.patch_embed.img_size == (cfg.ssl.crops.global_size,) * 2
+    assert module.student["dino_head"].last_layer.weight_v.shape[0] == cfg.ssl.head.n_prototypes
+    assert ("ibot_head" in module.student) != cfg.ssl.head.shared_ibot_head
+    collator = build_collator(cfg)
+    assert collator is not None
+    if cfg.trainer.accelerator == "cpu":
+        instantiate(cfg.trainer, logger=False)
+
+
+def test_reddino_s_matches_reference_values(make_cfg):
+    cfg = make_cfg("experiment=reddino_s")
+    assert cfg.model.arch == "vit_small_patch14_dinov2" and cfg.model.patch_size == 14
+    assert cfg.ssl.head.n_prototypes == 131072 and cfg.ssl.loss.koleo_weight == 0.0
+    assert cfg.ssl.centering.method == "sinkhorn_knopp"
+    assert cfg.data.loader.batch_size == 280 and cfg.ssl.optim.total_steps == 32000
+    assert cfg.ssl.crops.n_local == 0 and cfg.ssl.crops.global_size == 224
+    assert cfg.trainer.precision == "bf16-mixed"
+
+
+def test_embedded_default_pieces_instantiate(make_cfg):
+    cfg = make_cfg("debug=fast")
+    transform = instantiate(cfg.augment)
+    units = instantiate(cfg.data.pretrain_units)
+    assert set(units["source"]) == set(cfg.data.train_sources)
+    sample = transform(np.zeros((40, 40, 3), np.uint8))
+    assert len(sample["global_crops"]) == 2 and sample["global_crops"][0].shape[-1] == cfg.ssl.crops.global_size
+    for name, c in cfg.callbacks.items():
+        assert instantiate(c) is not None, name
+    for name, c in cfg.logger.items():
+        assert instantiate(c) is not None, name
