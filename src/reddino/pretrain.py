@@ -65,7 +65,7 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
 
 
 def knn_evaluation(cfg: DictConfig, backbones: dict[str, torch.nn.Module]) -> dict[str, Any]:
-    """k-NN on held-out labelled units (a source never seen in pretraining), grouped by subject."""
+    """k-NN on held-out labelled units (a source never seen in pretraining), folds grouped by smear/subject."""
     r = cfg.report
     units = instantiate(cfg.data.eval_units)
     if r.max_units is not None and len(units) > r.max_units:
@@ -74,7 +74,7 @@ def knn_evaluation(cfg: DictConfig, backbones: dict[str, torch.nn.Module]) -> di
     dataset = LabelledUnitDataset(
         units, eval_transform(cfg.ssl.crops.global_size, cfg.augment.mean, cfg.augment.std), classes, 64
     )
-    groups = units["subject"].to_numpy()
+    groups = units[r.group_by].to_numpy()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict[str, Any] = {}
     for name, net in backbones.items():
@@ -84,9 +84,9 @@ def knn_evaluation(cfg: DictConfig, backbones: dict[str, torch.nn.Module]) -> di
         "protocol": {
             "units": len(units),
             "sources": sorted(set(units["source"])),
-            "subjects": int(len(set(groups))),
+            "subjects": len(set(groups)),
             "classes": classes,
-            "folds": f"{r.n_splits}-fold stratified, grouped by subject",
+            "folds": f"{r.n_splits}-fold stratified, grouped by {r.group_by}",
             "knn": "euclidean distance, uniform votes, raw final-norm CLS features",
         },
         "results": results,
@@ -114,14 +114,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"steps": int(trainer.global_step)}
     if trainer.is_global_zero:
-        model_args = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
+        model_args = {
+            k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"
+        }
         arch = model_args.pop("arch")
         model_args.update(model_args.pop("overrides"))
-        weights = export_timm(module.teacher["backbone"], out / "export", arch, model_args,
-                              cfg.augment.mean, cfg.augment.std)
+        weights = export_timm(
+            module.teacher["backbone"], out / "export", arch, model_args, cfg.augment.mean, cfg.augment.std
+        )
         summary["exported"] = str(weights)
         if cfg.report.enabled:
-            report = knn_evaluation(cfg, {"pretrained_teacher": module.teacher["backbone"], "random_init": initial})
+            report = knn_evaluation(
+                cfg, {"pretrained_teacher": module.teacher["backbone"], "random_init": initial}
+            )
             summary.update(report)
             table = format_table(report["results"])
             (out / "results.md").write_text(table + "\n")
@@ -135,7 +140,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def close_loggers(trainer: pl.Trainer) -> None:
-    """Flush every logger; end the W&B run so the next run in this process (multirun, tests) starts its own."""
+    """Flush every logger and end the W&B run, so the next run in this process starts its own."""
     for lg in trainer.loggers:
         lg.save()
         if isinstance(lg, WandbLogger) and lg._experiment is not None:

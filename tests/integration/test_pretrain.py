@@ -29,8 +29,17 @@ def test_debug_run_writes_checkpoints_logs_export_and_report(make_cfg, tmp_path)
 
     assert (out / "checkpoints" / "last.ckpt").is_file()
     metrics = pd.read_csv(out / "csv" / "metrics.csv")
-    for column in ("train/dino_global", "train/ibot", "train/loss", "schedule/lr", "schedule/teacher_temp",
-                   "schedule/momentum", "schedule/weight_decay", "monitor/teacher_entropy", "monitor/cls_std"):
+    for column in (
+        "train/dino_global",
+        "train/ibot",
+        "train/loss",
+        "schedule/lr",
+        "schedule/teacher_temp",
+        "schedule/momentum",
+        "schedule/weight_decay",
+        "monitor/teacher_entropy",
+        "monitor/cls_std",
+    ):
         assert column in metrics.columns, column
     assert list((out / "wandb").glob("offline-run-*")), "W&B must write its offline run into the run dir"
 
@@ -42,8 +51,13 @@ def test_debug_run_writes_checkpoints_logs_export_and_report(make_cfg, tmp_path)
 
 def test_short_cpu_training_lowers_the_loss_without_collapse(make_cfg):
     cfg = make_cfg(
-        "debug=fast", "report.enabled=false", "ssl.optim.epochs=8", "ssl.optim.epoch_length=5",
-        "ssl.optim.base_lr=4e-3", "ssl.teacher.momentum_teacher=0.9", "data.loader.batch_size=16",
+        "debug=fast",
+        "report.enabled=false",
+        "ssl.optim.epochs=8",
+        "ssl.optim.epoch_length=5",
+        "ssl.optim.base_lr=4e-3",
+        "ssl.teacher.momentum_teacher=0.9",
+        "data.loader.batch_size=16",
     )
     run(cfg)
     metrics = pd.read_csv(cfg.paths.output_dir + "/csv/metrics.csv")

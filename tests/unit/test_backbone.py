@@ -69,8 +69,9 @@ def test_other_input_sizes_interpolate_position_embedding():
 def test_export_reloads_in_plain_timm_with_identical_features(tmp_path):
     model = tiny().eval()
     args = dict(img_size=32, patch_size=8, init_values=1.0, dynamic_img_size=True, **TINY)
-    path = export_timm(model, tmp_path, "vit_small_patch14_dinov2", args, (0.485, 0.456, 0.406),
-                       (0.229, 0.224, 0.225))
+    path = export_timm(
+        model, tmp_path, "vit_small_patch14_dinov2", args, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    )
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["num_features"] == 48 and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
     plain = timm.create_model(config["architecture"], pretrained=False, num_classes=0, **config["model_args"])

@@ -28,8 +28,11 @@ def test_groups_exist():
 
 @pytest.mark.parametrize(
     "override",
-    [f"{g}={o}" for g in ("ssl", "model", "augment", "data", "trainer", "logger", "callbacks", "debug")
-     for o in options(g)],
+    [
+        f"{g}={o}"
+        for g in ("ssl", "model", "augment", "data", "trainer", "logger", "callbacks", "debug")
+        for o in options(g)
+    ],
 )
 def test_group_option_composes_and_resolves(make_cfg, override):
     cfg = make_cfg(override)
@@ -71,7 +74,9 @@ def test_embedded_default_pieces_instantiate(make_cfg):
     units = instantiate(cfg.data.pretrain_units)
     assert set(units["source"]) == set(cfg.data.train_sources)
     sample = transform(np.zeros((40, 40, 3), np.uint8))
-    assert len(sample["global_crops"]) == 2 and sample["global_crops"][0].shape[-1] == cfg.ssl.crops.global_size
+    assert (
+        len(sample["global_crops"]) == 2 and sample["global_crops"][0].shape[-1] == cfg.ssl.crops.global_size
+    )
     for name, c in cfg.callbacks.items():
         assert instantiate(c) is not None, name
     for name, c in cfg.logger.items():

@@ -17,7 +17,7 @@ def test_read_rgb_normalises_modes(tmp_path):
     grey = np.arange(64, dtype=np.uint8).reshape(8, 8)
     Image.fromarray(grey).save(tmp_path / "g.png")
     Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(tmp_path / "rgba.png")
-    Image.fromarray((np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)).save(tmp_path / "16.png")
+    Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).save(tmp_path / "16.png")
     g = read_rgb(tmp_path / "g.png")
     assert g.shape == (8, 8, 3) and g.dtype == np.uint8 and (g[..., 0] == grey).all()
     assert read_rgb(tmp_path / "rgba.png").shape == (8, 8, 3)
@@ -60,18 +60,37 @@ def test_crop_padded_replicates_edges_outside_the_image():
 
 def _units(tmp_path, labels):
     Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(tmp_path / "a.png")
-    return pd.DataFrame({"file": str(tmp_path / "a.png"), "x0": 0, "y0": 0, "x1": 20, "y1": 20, "unit": "cell",
-                         "source": "s", "subject": "s/1", "label": labels})
+    return pd.DataFrame(
+        {
+            "file": str(tmp_path / "a.png"),
+            "x0": 0,
+            "y0": 0,
+            "x1": 20,
+            "y1": 20,
+            "unit": "cell",
+            "source": "s",
+            "subject": "s/1",
+            "label": labels,
+        }
+    )
 
 
 def test_labelled_dataset_uses_one_global_label_map(tmp_path):
-    ds = LabelledUnitDataset(_units(tmp_path, ["b", "a"]), eval_transform(16, (0.5,) * 3, (0.5,) * 3),
-                             ["a", "b", "c"], cache_size=4)
+    ds = LabelledUnitDataset(
+        _units(tmp_path, ["b", "a"]),
+        eval_transform(16, (0.5,) * 3, (0.5,) * 3),
+        ["a", "b", "c"],
+        cache_size=4,
+    )
     image, label = ds[0]
     assert image.shape == (3, 16, 16) and label == 1 and ds[1][1] == 0
     with pytest.raises(ValueError, match="outside the label map"):
-        LabelledUnitDataset(_units(tmp_path, ["a", "zzz"]), eval_transform(16, (0.5,) * 3, (0.5,) * 3),
-                            ["a", "b"], cache_size=4)
+        LabelledUnitDataset(
+            _units(tmp_path, ["a", "zzz"]),
+            eval_transform(16, (0.5,) * 3, (0.5,) * 3),
+            ["a", "b"],
+            cache_size=4,
+        )
 
 
 def test_validate_units_reports_problems(tmp_path):

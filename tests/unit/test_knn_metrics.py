@@ -20,8 +20,16 @@ def test_euclidean_uniform_knn_matches_sklearn(k):
     labels = rng.integers(0, 4, 300)
     test = rng.normal(size=(120, 16)).astype(np.float32)
     expected = KNeighborsClassifier(n_neighbors=k).fit(train, labels).predict(test)
-    got = knn_predict(torch.from_numpy(train), torch.from_numpy(labels), torch.from_numpy(test), k, 4,
-                      "euclidean", None, chunk_size=50)
+    got = knn_predict(
+        torch.from_numpy(train),
+        torch.from_numpy(labels),
+        torch.from_numpy(test),
+        k,
+        4,
+        "euclidean",
+        None,
+        chunk_size=50,
+    )
     assert (got.numpy() == expected).mean() > 0.99  # only exact distance ties may differ
 
 

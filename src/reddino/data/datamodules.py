@@ -21,7 +21,7 @@ def reseed_worker(worker_id: int) -> None:
     process each epoch) plus the worker id, so runs are reproducible and epochs differ.
     """
     seed = torch.initial_seed() % 2**31
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002  (third-party code may still draw from the legacy global state)
     info = get_worker_info()
     if info is None:
         return

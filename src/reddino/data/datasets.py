@@ -56,7 +56,9 @@ class UnitDataset(Dataset):
         return self.transform(self.crop(index))
 
 
-def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[np.ndarray], torch.Tensor]:
+def eval_transform(
+    size: int, mean: Sequence[float], std: Sequence[float]
+) -> Callable[[np.ndarray], torch.Tensor]:
     """Resize to ``size`` x ``size`` (bilinear, as the reference eval) and normalise; no augmentation."""
     mean_a = np.asarray(mean, dtype=np.float32) * 255.0
     std_a = np.asarray(std, dtype=np.float32) * 255.0

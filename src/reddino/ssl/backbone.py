@@ -71,7 +71,9 @@ def forward_tokens(model: VisionTransformer, images: Tensor, masks: Tensor | Non
     x = model.patch_embed(images)
     if masks is not None:
         if masks.shape[0] != x.shape[0] or masks.shape[1] != x.shape[1:-1].numel():
-            raise ValueError(f"masks of shape {tuple(masks.shape)} do not match patch grid {tuple(x.shape[:-1])}")
+            raise ValueError(
+                f"masks of shape {tuple(masks.shape)} do not match patch grid {tuple(x.shape[:-1])}"
+            )
         token = getattr(model, MASK_TOKEN_KEY).to(x.dtype)
         flat = x.reshape(x.shape[0], -1, x.shape[-1])
         flat = torch.where(masks.unsqueeze(-1), token.unsqueeze(0), flat)

@@ -30,7 +30,9 @@ from reddino.ssl.schedules import SSLSchedules, scale_lr
 def build_ssl_networks(backbone: VisionTransformer, head: Mapping[str, Any]) -> nn.ModuleDict:
     """Backbone plus DINO head (and a separate iBOT head when not shared), keyed as in DINOv2 checkpoints."""
     dim = int(backbone.embed_dim)
-    common = dict(hidden_dim=head["hidden_dim"], bottleneck_dim=head["bottleneck_dim"], nlayers=head["nlayers"])
+    common = dict(
+        hidden_dim=head["hidden_dim"], bottleneck_dim=head["bottleneck_dim"], nlayers=head["nlayers"]
+    )
     nets = nn.ModuleDict(
         {"backbone": backbone, "dino_head": DINOHead(in_dim=dim, out_dim=head["n_prototypes"], **common)}
     )
@@ -74,7 +76,11 @@ class DinoV2Module(pl.LightningModule):
         self.optim_cfg = dict(optim)
         self.n_local_crops = int(n_local_crops)
         self.fused_optimizer = fused_optimizer
-        method, iters, mom = centering["method"], centering["sinkhorn_iterations"], centering["center_momentum"]
+        method, iters, mom = (
+            centering["method"],
+            centering["sinkhorn_iterations"],
+            centering["center_momentum"],
+        )
         ibot_k = head["n_prototypes"] if head["shared_ibot_head"] else head["ibot_n_prototypes"]
         self.dino_centering = build_centering(method, head["n_prototypes"], iters, mom, patch=False)
         self.ibot_centering = build_centering(method, ibot_k, iters, mom, patch=True)
@@ -126,7 +132,9 @@ class DinoV2Module(pl.LightningModule):
         for g in groups:
             g.pop("names", None)
         use_fused = self.fused_optimizer and self.device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(self.optim_cfg["betas"]), fused=use_fused or None)
+        return torch.optim.AdamW(
+            groups, lr=0.0, betas=tuple(self.optim_cfg["betas"]), fused=use_fused or None
+        )
 
     # -------------------------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -134,7 +142,9 @@ class DinoV2Module(pl.LightningModule):
         self._step_values = self.schedules.values(self.global_step)
         v = self._step_values
         for opt in self.trainer.optimizers:
-            apply_schedules_(opt, lr=v["lr"], weight_decay=v["weight_decay"], last_layer_lr=v["last_layer_lr"])
+            apply_schedules_(
+                opt, lr=v["lr"], weight_decay=v["weight_decay"], last_layer_lr=v["last_layer_lr"]
+            )
 
     def ibot_head(self, nets: nn.ModuleDict) -> nn.Module:
         return nets["ibot_head"] if "ibot_head" in nets else nets["dino_head"]
@@ -181,7 +191,9 @@ class DinoV2Module(pl.LightningModule):
         self.log_step(terms, total, cls_probs, out.cls, batch_size=batch["global_crops"].shape[0] // 2)
         return total
 
-    def log_step(self, terms: dict[str, Tensor], total: Tensor, probs: Tensor, cls: Tensor, batch_size: int) -> None:
+    def log_step(
+        self, terms: dict[str, Tensor], total: Tensor, probs: Tensor, cls: Tensor, batch_size: int
+    ) -> None:
         """Loss terms, schedules and collapse monitors (teacher entropy, spread of normalised CLS)."""
         logs = {f"train/{k}": v.detach() for k, v in terms.items()}
         logs["train/loss"] = total.detach()
@@ -192,11 +204,16 @@ class DinoV2Module(pl.LightningModule):
         logs["monitor/teacher_entropy"] = entropy
         logs["monitor/cls_std"] = cls_std
         logs["monitor/cls_std_uniform"] = torch.tensor(cls.shape[-1] ** -0.5)
-        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, batch_size=batch_size, sync_dist=False)
+        self.log_dict(
+            logs, on_step=True, on_epoch=False, prog_bar=False, batch_size=batch_size, sync_dist=False
+        )
         self.log("loss", total.detach(), prog_bar=True, on_step=True, batch_size=batch_size)
 
     def configure_gradient_clipping(
-        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm=None,
     ) -> None:
         """Clip each student submodule separately, as the reference does (backbone and heads)."""
         clip = self.optim_cfg["clip_grad"]
