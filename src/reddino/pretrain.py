@@ -65,7 +65,7 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
 
 
 def knn_evaluation(cfg: DictConfig, backbones: dict[str, torch.nn.Module]) -> dict[str, Any]:
-    """k-NN on held-out labelled units (a source never seen in pretraining), folds grouped by smear/subject."""
+    """k-NN on held-out labelled units (a source unseen in pretraining), folds grouped by smear/subject."""
     r = cfg.report
     units = instantiate(cfg.data.eval_units)
     if r.max_units is not None and len(units) > r.max_units:
