@@ -84,7 +84,8 @@ def knn_evaluation(cfg: DictConfig, backbones: dict[str, torch.nn.Module]) -> di
         "protocol": {
             "units": len(units),
             "sources": sorted(set(units["source"])),
-            "subjects": len(set(groups)),
+            "subjects": int(units["subject"].nunique()),
+            "groups": len(set(groups)),
             "classes": classes,
             "folds": f"{r.n_splits}-fold stratified, grouped by {r.group_by}",
             "knn": "euclidean distance, uniform votes, raw final-norm CLS features",

@@ -24,7 +24,11 @@ def test_debug_run_writes_checkpoints_logs_export_and_report(make_cfg, tmp_path)
         for k in ("k=1", "k=3"):
             scores = results["results"][model][k]
             assert 0.0 <= scores["weighted_f1"]["mean"] <= 1.0 and len(scores["weighted_f1"]["folds"]) == 5
-    assert results["protocol"]["sources"] == ["src4"]
+    protocol = results["protocol"]
+    assert protocol["sources"] == ["src4"]
+    gen = cfg.data.generator
+    assert protocol["subjects"] == gen.subjects_per_source
+    assert protocol["groups"] == gen.subjects_per_source * gen.smears_per_subject  # grouped by smear
     assert "random_init" in (out / "results.md").read_text()
 
     assert (out / "checkpoints" / "last.ckpt").is_file()

@@ -150,7 +150,7 @@ class DinoV2Module(pl.LightningModule):
         return nets["ibot_head"] if "ibot_head" in nets else nets["dino_head"]
 
     @torch.no_grad()
-    def teacher_targets(self, batch: Mapping[str, Any], teacher_temp: float) -> tuple[Tensor, Tensor, Tensor]:
+    def teacher_targets(self, batch: Mapping[str, Any], teacher_temp: float) -> tuple[Tensor, Tensor]:
         """Teacher CLS and masked-patch target distributions on the unmasked global crops."""
         self.teacher.eval()
         out = forward_tokens(self.teacher["backbone"], batch["global_crops"])
@@ -160,13 +160,13 @@ class DinoV2Module(pl.LightningModule):
         n_masked_total = all_reduce_sum_(batch["n_masked_patches"].detach().clone().to(patch_logits.device))
         cls_probs = self.dino_centering.targets(cls_logits, teacher_temp)
         patch_probs = self.ibot_centering.targets(patch_logits, teacher_temp, n_samples_total=n_masked_total)
-        return cls_probs, patch_probs, cls_logits
+        return cls_probs, patch_probs
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         step = self.global_step
         temp = self._step_values["teacher_temp"]
         student_temp = self.loss_cfg["student_temp"]
-        cls_probs, patch_probs, _ = self.teacher_targets(batch, temp)
+        cls_probs, patch_probs = self.teacher_targets(batch, temp)
 
         out = forward_tokens(self.student["backbone"], batch["global_crops"], batch["masks"])
         cls_logits = self.student["dino_head"](out.cls)
