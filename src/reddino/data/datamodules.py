@@ -9,9 +9,21 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, WeightedRandomSampler, get_worker_info
 
-from reddino.data.datasets import UnitDataset
+from reddino.data.datasets import LabelledUnitDataset, UnitDataset
+
+SOURCE_WEIGHTINGS = ("natural", "balanced")
+
+
+def source_weights(sources: pd.Series, weighting: str) -> np.ndarray | None:
+    """Per-unit sampling weights: None for natural mixing, 1/|source| so every source weighs alike."""
+    if weighting not in SOURCE_WEIGHTINGS:
+        raise ValueError(f"source_weighting must be one of {SOURCE_WEIGHTINGS}, got {weighting!r}")
+    if weighting == "natural":
+        return None
+    counts = sources.map(sources.value_counts())
+    return (1.0 / counts.to_numpy(dtype=np.float64)) / sources.nunique()
 
 
 def reseed_worker(worker_id: int) -> None:
@@ -44,9 +56,11 @@ class PretrainDataModule(pl.LightningDataModule):
         pin_memory: bool,
         persistent_workers: bool,
         image_cache_size: int,
+        source_weighting: str,
     ) -> None:
         super().__init__()
         self.units = units
+        self.weights = source_weights(units["source"], source_weighting)
         self.transform = transform
         self.collate_fn = collate_fn
         self.batch_size = batch_size
@@ -66,14 +80,60 @@ class PretrainDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.dataset is not None, "call setup() first"
+        sampler = None
+        if (
+            self.weights is not None
+        ):  # with replacement: an epoch is len(units) draws, sources equal in expectation
+            sampler = WeightedRandomSampler(
+                self.weights.tolist(), num_samples=len(self.dataset), replacement=True
+            )
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            shuffle=sampler is None,
+            sampler=sampler,
             drop_last=True,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             collate_fn=self.collate_fn,
             worker_init_fn=reseed_worker,
+        )
+
+
+class LabelledDataModule(pl.LightningDataModule):
+    """Labelled units (cells) for evaluation: deterministic order, no augmentation.
+
+    ``predict_dataloader`` feeds feature extraction; the evaluation protocols split the extracted
+    features (folds, leave-one-source-out) using ``units``' source/subject/file columns.
+    """
+
+    def __init__(
+        self,
+        units: pd.DataFrame,
+        transform: Callable[[np.ndarray], torch.Tensor],
+        classes: list[str],
+        batch_size: int,
+        num_workers: int,
+        image_cache_size: int,
+    ) -> None:
+        super().__init__()
+        self.units = units.reset_index(drop=True)
+        self.transform = transform
+        self.classes = list(classes)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.image_cache_size = image_cache_size
+        self.dataset: LabelledUnitDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            self.dataset = LabelledUnitDataset(
+                self.units, self.transform, self.classes, self.image_cache_size
+            )
+
+    def predict_dataloader(self) -> DataLoader:
+        assert self.dataset is not None, "call setup() first"
+        return DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
         )

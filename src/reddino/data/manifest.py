@@ -46,14 +46,17 @@ def synthetic_units(
     unit: str,
     patch_size: int,
     cell_context: float,
+    cell_window: int | None,
     sources: Sequence[str],
     rbc_only: bool,
 ) -> pd.DataFrame:
     """Units cut from the embedded synthetic smears (generated into ``cache_dir`` on first use).
 
     ``unit="patch"``: non-overlapping ``patch_size`` tiles of every smear (unlabelled).
-    ``unit="cell"``: a square crop of ``cell_context`` x the cell's longer box side around each object,
-    labelled with its class; ``rbc_only`` drops white cells and platelets.
+    ``unit="cell"``: a square crop around each object, labelled with its class: ``cell_window`` pixels
+    wide when set (keeps the cell's apparent size, itself a class cue: spherocytes and fragments are
+    small), else ``cell_context`` x the cell's longer box side (every cell fills the crop alike).
+    ``rbc_only`` drops white cells and platelets.
     """
     gen = dict(generator)
     gen["smear_size"] = tuple(gen["smear_size"])
@@ -62,7 +65,9 @@ def synthetic_units(
     if unit == "patch":
         table = _tile_smears(pd.read_parquet(root / "smears.parquet"), root, patch_size)
     elif unit == "cell":
-        table = _cell_crops(pd.read_parquet(root / "cells.parquet"), root, cell_context, rbc_only)
+        table = _cell_crops(
+            pd.read_parquet(root / "cells.parquet"), root, cell_context, cell_window, rbc_only
+        )
     else:
         raise ValueError(f"unit must be one of {UNIT_KINDS}, got {unit!r}")
     unknown = sorted(set(sources) - set(table["source"]))
@@ -96,10 +101,17 @@ def _tile_smears(smears: pd.DataFrame, root: Path, size: int) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)
 
 
-def _cell_crops(cells: pd.DataFrame, root: Path, context: float, rbc_only: bool) -> pd.DataFrame:
+def _cell_crops(
+    cells: pd.DataFrame, root: Path, context: float, window: int | None, rbc_only: bool
+) -> pd.DataFrame:
     if rbc_only:
         cells = cells[cells["is_rbc"]]
-    side = context * np.maximum(cells["x1"] - cells["x0"], cells["y1"] - cells["y0"]).to_numpy()
+    if window is not None:
+        if window <= 0:
+            raise ValueError(f"cell_window must be a positive pixel count or null, got {window}")
+        side = np.full(len(cells), float(window))
+    else:
+        side = context * np.maximum(cells["x1"] - cells["x0"], cells["y1"] - cells["y0"]).to_numpy()
     boxes = square_boxes(cells["cx"].to_numpy(), cells["cy"].to_numpy(), side)
     return pd.DataFrame(
         {
@@ -114,3 +126,37 @@ def _cell_crops(cells: pd.DataFrame, root: Path, context: float, rbc_only: bool)
             "label": cells["label"].to_numpy(),
         }
     )
+
+
+def read_manifest(
+    path: str | Path,
+    unit: str,
+    datasets: Sequence[str] | None,
+    sources: Sequence[str] | None,
+    labelled_only: bool,
+) -> pd.DataFrame:
+    """Units of one kind from a prepared manifest (``reddino-prepare``), optionally filtered.
+
+    ``datasets``/``sources`` keep only those catalog names / source ids (None = all); ``labelled_only``
+    drops units without a label (evaluation). Raises naming the file when it is missing or the filter
+    leaves nothing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; run `make prepare` (reddino-prepare) first")
+    if unit not in UNIT_KINDS:
+        raise ValueError(f"unit must be one of {UNIT_KINDS}, got {unit!r}")
+    table = pd.read_parquet(path)
+    keep = table["unit"].eq(unit)
+    for column, wanted in (("dataset", datasets), ("source", sources)):
+        if wanted is not None:
+            unknown = sorted(set(wanted) - set(table[column]))
+            if unknown:
+                raise ValueError(f"{path}: no {column} {unknown}; it has {sorted(set(table[column]))}")
+            keep &= table[column].isin(list(wanted))
+    if labelled_only:
+        keep &= table["label"].notna()
+    table = table[keep].reset_index(drop=True)
+    if table.empty:
+        raise ValueError(f"{path}: no {unit} units left (datasets={datasets}, sources={sources})")
+    return validate_units(table)

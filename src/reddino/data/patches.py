@@ -41,3 +41,22 @@ def crop_padded(image: np.ndarray, box: tuple[int, int, int, int] | np.ndarray) 
         raise ValueError(f"box {box} lies outside the image of size {w}x{h}")
     pad = ((max(-y0, 0), max(y1 - h, 0)), (max(-x0, 0), max(x1 - w, 0))) + ((0, 0),) * (image.ndim - 2)
     return np.pad(inside, pad, mode="edge") if any(p for pair in pad for p in pair) else inside
+
+
+def foreground_fraction(
+    image: np.ndarray, boxes: np.ndarray, background_percentile: float, contrast: float
+) -> np.ndarray:
+    """Fraction of each box's pixels darker than the smear's background by more than ``contrast``.
+
+    Brightfield smears are bright where there is no cell; the background level is the
+    ``background_percentile`` of the whole image's grey values (robust to how full the smear is), so
+    an empty or out-of-smear tile scores near 0 whatever the lamp brightness.
+    """
+    grey = image.astype(np.float32).mean(axis=2)
+    background = float(np.percentile(grey, background_percentile))
+    dark = grey < background - contrast
+    # integral image: every box's count in O(1)
+    integral = np.pad(dark.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    x0, y0, x1, y1 = (boxes[:, k] for k in range(4))
+    counts = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return counts / np.maximum((x1 - x0) * (y1 - y0), 1)

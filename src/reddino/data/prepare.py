@@ -1,0 +1,296 @@
+"""Turn parsed datasets into units: 224x224 patches and single-cell crops, one manifest per dataset.
+
+Each image is decoded once; from it come its perceptual hash (for cross-source dedup), its patches
+(non-overlapping tiles, background tiles dropped) and its cells (crops around the dataset's own boxes
+or centre points, else around cells a segmenter finds). Work is cut into chunks of images written
+atomically under a fingerprint of the settings, so a rerun skips finished chunks and an interrupted
+run resumes; a bad image is recorded with its reason and never stops the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from reddino.data.dedup import perceptual_hash
+from reddino.data.io import BadImageError, read_rgb
+from reddino.data.manifest import UNIT_COLUMNS
+from reddino.data.patches import foreground_fraction, square_boxes, tile_boxes
+from reddino.data.sources.records import ParsedSource, Skipped
+
+# manifest = the units table plus where each unit came from
+MANIFEST_COLUMNS = (*UNIT_COLUMNS, "dataset", "image_hash")
+IMAGE_INFO_COLUMNS = ("file", "dataset", "source", "subject", "split", "width", "height", "image_hash")
+SKIPPED_COLUMNS = ("dataset", "file", "line", "reason")
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    """Non-overlapping square tiles; ``side_px`` is the tile side in the image's own pixels."""
+
+    enabled: bool
+    size: int
+    min_foreground: float
+    background_percentile: float
+    contrast: float
+    target_pixel_size_um: float | None
+
+    def side_px(self, pixel_size_um: float | None) -> int:
+        """Tile side in native pixels: resampling to a common pixel size = cutting larger/smaller tiles."""
+        if self.target_pixel_size_um is None or pixel_size_um is None:
+            return self.size
+        return max(1, round(self.size * self.target_pixel_size_um / pixel_size_um))
+
+
+@dataclass(frozen=True)
+class CellSettings:
+    """Square crops around cells: ``point_window`` px around centre points, ``box_context`` x box side."""
+
+    enabled: bool
+    point_window: int
+    box_context: float
+    drop_labels: tuple[str, ...]
+    segment: str  # "unlabelled" (images with no annotations) | "always" | "never"
+    min_area: int
+
+    def __post_init__(self) -> None:
+        if self.segment not in ("unlabelled", "always", "never"):
+            raise ValueError(f"cells.segment must be unlabelled | always | never, got {self.segment!r}")
+
+
+@dataclass
+class ChunkResult:
+    """Units, image rows and skipped items of one chunk, plus the seconds spent segmenting."""
+
+    units: pd.DataFrame
+    images: pd.DataFrame
+    skipped: pd.DataFrame
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def cell_boxes(objects: pd.DataFrame, cells: CellSettings) -> np.ndarray:
+    """Square crop boxes around annotated objects: points get a fixed window, boxes a context margin."""
+    if objects.empty:
+        return np.zeros((0, 4), dtype=np.int64)
+    has_box = objects[["x0", "y0", "x1", "y1"]].notna().all(axis=1).to_numpy()
+    side = np.where(
+        has_box,
+        cells.box_context
+        * np.maximum(objects["x1"] - objects["x0"], objects["y1"] - objects["y0"]).fillna(0).to_numpy(),
+        float(cells.point_window),
+    )
+    return square_boxes(
+        objects["cx"].to_numpy(dtype=np.float64), objects["cy"].to_numpy(dtype=np.float64), side
+    )
+
+
+def _units_frame(
+    boxes: np.ndarray, unit: str, labels: Sequence[Any], image: Mapping[str, Any]
+) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "file": image["file"],
+            "x0": boxes[:, 0],
+            "y0": boxes[:, 1],
+            "x1": boxes[:, 2],
+            "y1": boxes[:, 3],
+            "unit": unit,
+            "source": image["source"],
+            "subject": image["subject"],
+            "label": pd.Series(list(labels), dtype=object),
+        }
+    )
+
+
+def units_of_image(
+    rgb: np.ndarray,
+    image: Mapping[str, Any],
+    objects: pd.DataFrame,
+    patches: PatchSettings,
+    cells: CellSettings,
+    pixel_size_um: float | None,
+    segment: Callable[[np.ndarray], pd.DataFrame] | None,
+) -> tuple[list[pd.DataFrame], list[str]]:
+    """The units one decoded image gives, and notes on what it could not give (for the report)."""
+    frames: list[pd.DataFrame] = []
+    notes: list[str] = []
+    h, w = rgb.shape[:2]
+    if patches.enabled:
+        side = patches.side_px(pixel_size_um)
+        boxes = tile_boxes(w, h, side)
+        if len(boxes) == 0:
+            notes.append(f"image {w}x{h} smaller than one {side}px patch: no patches")
+        else:
+            keep = foreground_fraction(rgb, boxes, patches.background_percentile, patches.contrast)
+            boxes = boxes[keep >= patches.min_foreground]
+            frames.append(_units_frame(boxes, "patch", [None] * len(boxes), image))
+    if cells.enabled:
+        kept = objects[~objects["label"].isin(cells.drop_labels)] if not objects.empty else objects
+        use_segmenter = cells.segment == "always" or (cells.segment == "unlabelled" and objects.empty)
+        if use_segmenter:
+            if segment is None:
+                raise ValueError("cells.segment asks for segmentation but no segmenter was built")
+            found = segment(rgb)
+            found = found[found["area"] >= cells.min_area]
+            boxes = square_boxes(
+                found["cx"].to_numpy(),
+                found["cy"].to_numpy(),
+                cells.box_context
+                * np.maximum(found["x1"] - found["x0"], found["y1"] - found["y0"]).to_numpy(),
+            )
+            frames.append(_units_frame(boxes, "cell", [None] * len(boxes), image))
+        elif not kept.empty:
+            frames.append(_units_frame(cell_boxes(kept, cells), "cell", kept["label"].tolist(), image))
+    return frames, notes
+
+
+def process_chunk(
+    dataset: str,
+    images: pd.DataFrame,
+    objects: pd.DataFrame,
+    patches: PatchSettings,
+    cells: CellSettings,
+    pixel_size_um: float | None,
+    hash_size: int,
+    segment: Callable[[np.ndarray], pd.DataFrame] | None,
+) -> ChunkResult:
+    """Decode each image once and cut its units; undecodable images are skipped with the reason."""
+    by_file = {f: g for f, g in objects.groupby("file", sort=False)} if not objects.empty else {}
+    empty = objects.iloc[0:0]
+    unit_frames: list[pd.DataFrame] = []
+    image_rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    seconds = {"decode": 0.0, "segment": 0.0}
+    for image in images.to_dict("records"):
+        t0 = time.perf_counter()
+        try:
+            rgb = read_rgb(image["file"])
+        except BadImageError as exc:
+            skipped.append({"dataset": dataset, "file": image["file"], "line": None, "reason": str(exc)})
+            continue
+        seconds["decode"] += time.perf_counter() - t0
+        image = {**image, "width": rgb.shape[1], "height": rgb.shape[0]}
+        image_hash = perceptual_hash(rgb, hash_size)
+        t0 = time.perf_counter()
+        frames, notes = units_of_image(
+            rgb, image, by_file.get(image["file"], empty), patches, cells, pixel_size_um, segment
+        )
+        seconds["segment"] += time.perf_counter() - t0
+        skipped.extend({"dataset": dataset, "file": image["file"], "line": None, "reason": n} for n in notes)
+        for frame in frames:
+            unit_frames.append(frame.assign(dataset=dataset, image_hash=image_hash))
+        image_rows.append(
+            {**{c: image.get(c) for c in IMAGE_INFO_COLUMNS}, "dataset": dataset, "image_hash": image_hash}
+        )
+    units = pd.concat(unit_frames, ignore_index=True) if unit_frames else empty_manifest()
+    return ChunkResult(
+        units=units[list(MANIFEST_COLUMNS)],
+        images=pd.DataFrame(image_rows, columns=list(IMAGE_INFO_COLUMNS)),
+        skipped=pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)),
+        seconds=seconds,
+    )
+
+
+def empty_manifest() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=object) for c in MANIFEST_COLUMNS})
+
+
+def skipped_frame(dataset: str, items: Sequence[Skipped]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [{"dataset": dataset, "file": s.file, "line": s.line, "reason": s.reason} for s in items],
+        columns=list(SKIPPED_COLUMNS),
+    )
+
+
+def fingerprint(settings: Mapping[str, Any], files: Sequence[str]) -> str:
+    """Stable id of a chunk's work: its settings and the files (with size and mtime) it covers."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for f in files:
+        try:
+            st = os.stat(f)
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{f}|missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
+    """Write next to the target, then rename: a killed run never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def prepare_parsed(
+    dataset: str,
+    parsed: ParsedSource,
+    work_dir: Path,
+    patches: PatchSettings,
+    cells: CellSettings,
+    pixel_size_um: float | None,
+    hash_size: int,
+    chunk_size: int,
+    segment: Callable[[np.ndarray], pd.DataFrame] | None,
+    settings: Mapping[str, Any],
+    progress: Callable[[int], None] | None = None,
+) -> tuple[ChunkResult, dict[str, int]]:
+    """Process a parsed dataset chunk by chunk, reusing chunks a previous run finished.
+
+    Returns the merged result and counts of chunks computed vs reused.
+    """
+    parts = work_dir / "parts"
+    images = parsed.images.sort_values("file", kind="stable").reset_index(drop=True)
+    results: list[ChunkResult] = []
+    counts = {"computed": 0, "reused": 0}
+    for start in range(0, len(images), chunk_size):
+        chunk = images.iloc[start : start + chunk_size]
+        key = fingerprint(settings, chunk["file"].tolist())
+        paths = {
+            k: parts / f"{start // chunk_size:05d}-{key}.{k}.parquet" for k in ("units", "images", "skipped")
+        }
+        if all(p.is_file() for p in paths.values()):
+            result = ChunkResult(*(pd.read_parquet(paths[k]) for k in ("units", "images", "skipped")))
+            counts["reused"] += 1
+        else:
+            objects = parsed.objects[parsed.objects["file"].isin(set(chunk["file"]))]
+            result = process_chunk(dataset, chunk, objects, patches, cells, pixel_size_um, hash_size, segment)
+            # images last: its presence marks the chunk complete
+            for k in ("units", "skipped", "images"):
+                write_parquet_atomic(getattr(result, k), paths[k])
+            counts["computed"] += 1
+        results.append(result)
+        if progress is not None:
+            progress(len(chunk))
+    merged = ChunkResult(
+        units=_concat([r.units for r in results], MANIFEST_COLUMNS),
+        images=_concat([r.images for r in results], IMAGE_INFO_COLUMNS),
+        skipped=_concat(
+            [skipped_frame(dataset, parsed.skipped), *(r.skipped for r in results)], SKIPPED_COLUMNS
+        ),
+        seconds={k: sum(r.seconds.get(k, 0.0) for r in results) for k in ("decode", "segment")},
+    )
+    return merged, counts
+
+
+def _concat(frames: Sequence[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    return pd.concat(frames, ignore_index=True)[list(columns)]
