@@ -35,6 +35,9 @@ lock: ## re-resolve requirements.lock from pyproject.toml (needs network access 
 pretrain: $(STAMP) ## self-supervised pretraining (embedded default: synthetic smears, tiny ViT, CPU); ARGS="experiment=reddino_s ..."
 	$(BIN)/reddino-pretrain $(ARGS)
 
+prepare: $(STAMP) ## real datasets under REDDINO_DATA_ROOT -> patches, cells, manifests + report; ARGS="..."
+	$(BIN)/reddino-prepare $(ARGS)
+
 test: $(STAMP) ## run the test suite (what .ci/run calls)
 	$(BIN)/python -m pytest $(TEST_ARGS)
 
@@ -49,4 +52,4 @@ format: $(STAMP) ## ruff autofix and format
 clean: ## remove caches and run outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache outputs multirun
 
-.PHONY: help install lock pretrain test lint format clean
+.PHONY: help install lock prepare pretrain test lint format clean
