@@ -38,6 +38,9 @@ pretrain: $(STAMP) ## self-supervised pretraining (embedded default: synthetic s
 prepare: $(STAMP) ## real datasets under REDDINO_DATA_ROOT -> patches, cells, manifests + report; ARGS="..."
 	$(BIN)/reddino-prepare $(ARGS)
 
+eval: $(STAMP) ## linear probe + k-NN + batch effects of a backbone vs baselines; ARGS="weights=<export dir> data=real eval=kfold"
+	$(BIN)/reddino-eval $(ARGS)
+
 test: $(STAMP) ## run the test suite (what .ci/run calls)
 	$(BIN)/python -m pytest $(TEST_ARGS)
 
@@ -52,4 +55,4 @@ format: $(STAMP) ## ruff autofix and format
 clean: ## remove caches and run outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache outputs multirun
 
-.PHONY: help install lock prepare pretrain test lint format clean
+.PHONY: help install lock eval prepare pretrain test lint format clean

@@ -132,7 +132,7 @@ def prepare_source(
         "hash_size": cfg.dedup.hash_size,
         "pixel_size_um": spec.pixel_size_um,
         "layout": spec.layout,
-        "version": 1,
+        "version": 2,  # bump when the manifest layout changes: old work chunks are then recomputed
     }
     t0 = time.perf_counter()
     with tqdm(total=len(parsed.images), desc=spec.name, unit="img", disable=not cfg.progress) as bar:

@@ -28,7 +28,7 @@ from reddino.data.patches import foreground_fraction, square_boxes, tile_boxes
 from reddino.data.sources.records import ParsedSource, Skipped
 
 # manifest = the units table plus where each unit came from
-MANIFEST_COLUMNS = (*UNIT_COLUMNS, "dataset", "image_hash")
+MANIFEST_COLUMNS = (*UNIT_COLUMNS, "split", "dataset", "image_hash")
 IMAGE_INFO_COLUMNS = ("file", "dataset", "source", "subject", "split", "width", "height", "image_hash")
 SKIPPED_COLUMNS = ("dataset", "file", "line", "reason")
 
@@ -107,6 +107,7 @@ def _units_frame(
             "source": image["source"],
             "subject": image["subject"],
             "label": pd.Series(list(labels), dtype=object),
+            "split": image.get("split"),
         }
     )
 

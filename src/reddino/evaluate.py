@@ -1,0 +1,344 @@
+"""``reddino-eval`` / ``make eval``: frozen features -> linear probe and k-NN under a protocol, plus
+batch-effect metrics, for a pretrained backbone and its baselines (random init, morphometrics).
+
+Features are computed once per (model, units) and cached (``reddino.eval.features``); every probe and
+fold reads the cache. Results go to ``results.json`` / ``results.md`` in the run directory and to the
+configured loggers (CSV; W&B offline by default, with per-class tables, confusion matrices and UMAPs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import reddino.config  # noqa: F401  (resolvers)
+from reddino.data.datasets import LabelledUnitDataset, UnitDataset, eval_transform
+from reddino.eval.batch_effects import neighbour_source_mixing, source_predictability
+from reddino.eval.features import (
+    CachedFeatures,
+    extract_features,
+    feature_cache_path,
+    load_features,
+    save_features,
+    state_digest,
+)
+from reddino.eval.knn import knn_predict
+from reddino.eval.linear import reference_C, sklearn_linear_probe, torch_linear_probe
+from reddino.eval.metrics import classification_metrics, confusion_matrix
+from reddino.eval.morphometrics import MORPHOMETRIC_NAMES, morphometric_features
+from reddino.eval.protocols import Split, make_splits
+from reddino.tables import markdown_table
+from reddino.weights import LoadedBackbone, build_from_config, load_export
+
+log = logging.getLogger("reddino.evaluate")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+MORPHOMETRICS_VERSION = "morphometrics-v1"
+
+
+def backbones(cfg: DictConfig) -> tuple[dict[str, torch.nn.Module], int, list[float], list[float]]:
+    """The backbones to compare, with the input size and normalisation they expect.
+
+    ``weights`` set: that export and the same architecture at a seeded random init; unset: only the
+    ``model`` config at random init.
+    """
+    torch.manual_seed(cfg.seed)
+    if cfg.weights is not None:
+        loaded: LoadedBackbone = load_export(cfg.weights)
+        config = {"architecture": loaded.architecture, "model_args": loaded.model_args}
+        nets = {"pretrained": loaded.model, "random_init": build_from_config(config)}
+        return nets, loaded.input_size, loaded.mean, loaded.std
+    net = instantiate(cfg.model)
+    return {"random_init": net}, int(cfg.model.img_size), list(cfg.features.mean), list(cfg.features.std)
+
+
+def backbone_features(
+    name: str, net: torch.nn.Module, units: pd.DataFrame, classes: list[str], cfg: DictConfig, transform: Any
+) -> CachedFeatures:
+    """Cached frozen features of ``net`` on ``units`` (computed by a Lightning predict pass on a miss)."""
+    f = cfg.features
+    settings = {"pooling": f.pooling, "transform": repr(transform.__qualname__), "size": f.image_size}
+    path = feature_cache_path(Path(f.cache_dir), f"{name}-{state_digest(net)}", units, settings)
+    if path.is_dir():
+        log.info("%s: features from cache %s", name, path)
+        return load_features(path)
+    dataset = LabelledUnitDataset(units, transform, classes, f.image_cache_size)
+    loader = DataLoader(dataset, batch_size=f.batch_size, shuffle=False, num_workers=f.num_workers)
+    trainer = pl.Trainer(
+        accelerator=f.accelerator,
+        devices=1,
+        logger=False,
+        enable_progress_bar=cfg.progress,
+        precision=f.precision,
+    )
+    feats, labels = extract_features(net, loader, f.pooling, trainer)
+    cached = CachedFeatures(feats.numpy(), labels.numpy(), units, {"model": name, **settings})
+    save_features(path, cached)
+    return cached
+
+
+def morphometric_table(units: pd.DataFrame, classes: list[str], cfg: DictConfig) -> CachedFeatures:
+    """Morphometric features of every unit's raw crop (cached like backbone features)."""
+    path = feature_cache_path(Path(cfg.features.cache_dir), MORPHOMETRICS_VERSION, units, {})
+    if path.is_dir():
+        return load_features(path)
+    crops = UnitDataset(units, transform=lambda x: x, cache_size=cfg.features.image_cache_size)
+    rows = [morphometric_features(crops.crop(i)) for i in tqdm(range(len(crops)), disable=not cfg.progress)]
+    labels = units["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
+    cached = CachedFeatures(
+        np.stack(rows).astype(np.float32), labels, units, {"names": list(MORPHOMETRIC_NAMES)}
+    )
+    save_features(path, cached)
+    return cached
+
+
+def standardise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z-score with the training fold's statistics (morphometrics mix pixels^2 with ratios)."""
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    return (train - mean) / std, (test - mean) / std
+
+
+def probe_predictions(
+    x: torch.Tensor, y: torch.Tensor, split: Split, num_classes: int, cfg: DictConfig, scale: bool
+) -> dict[str, torch.Tensor]:
+    """Test-fold predictions of every enabled probe (linear, k-NN at each k) on one split."""
+    tr, te = torch.as_tensor(split.train_idx), torch.as_tensor(split.test_idx)
+    x_tr, x_te = standardise(x[tr], x[te]) if scale else (x[tr], x[te])
+    out: dict[str, torch.Tensor] = {}
+    lin = cfg.probes.linear
+    if lin.enabled:
+        n_train_classes = int(torch.unique(y[tr]).numel())
+        C = lin.C if lin.C is not None else reference_C(x.shape[1], n_train_classes)
+        if lin.backend == "sklearn":
+            pred = sklearn_linear_probe(x_tr.numpy(), y[tr].numpy(), x_te.numpy(), C, lin.max_iter)
+            out["linear"] = torch.as_tensor(pred)
+        else:
+            out["linear"] = torch_linear_probe(x_tr, y[tr], x_te, num_classes, C, lin.max_iter, lin.device)
+    knn = cfg.probes.knn
+    if knn.enabled:
+        for k in knn.ks:
+            out[f"knn{k}"] = knn_predict(
+                x_tr, y[tr], x_te, k, num_classes, knn.metric, knn.temperature, chunk_size=knn.chunk_size
+            )
+    return out
+
+
+def score_feature_set(
+    feats: CachedFeatures, splits: list[Split], classes: list[str], cfg: DictConfig, scale: bool
+) -> dict[str, Any]:
+    """Metrics per probe (mean, std, per fold), per-class F1 and the confusion matrix summed over folds."""
+    x, y = torch.as_tensor(feats.features).float(), torch.as_tensor(feats.labels).long()
+    n = len(classes)
+    per_probe: dict[str, dict[str, list[float]]] = {}
+    confusion: dict[str, torch.Tensor] = {}
+    for split in splits:
+        truth = y[torch.as_tensor(split.test_idx)]
+        for probe, pred in probe_predictions(x, y, split, n, cfg, scale).items():
+            for metric, value in classification_metrics(truth, pred, n).items():
+                per_probe.setdefault(probe, {}).setdefault(metric, []).append(value)
+            previous = confusion.get(probe, torch.zeros(n, n, dtype=torch.long))
+            confusion[probe] = previous + confusion_matrix(truth, pred, n)
+    return {
+        probe: {
+            **{
+                m: {"mean": float(np.mean(v)), "std": float(np.std(v)), "folds": v}
+                for m, v in metrics.items()
+            },
+            "per_class_f1": dict(zip(classes, _per_class_f1(confusion[probe]), strict=True)),
+            "confusion": confusion[probe].tolist(),
+            "n_test": int(confusion[probe].sum()),
+        }
+        for probe, metrics in per_probe.items()
+    }
+
+
+def _per_class_f1(confusion: torch.Tensor) -> list[float | None]:
+    tp = confusion.diag().double()
+    support, predicted = confusion.sum(1).double(), confusion.sum(0).double()
+    denom = support + predicted
+    return [float(2 * t / d) if d > 0 else None for t, d in zip(tp, denom, strict=True)]
+
+
+def batch_effects(feats: CachedFeatures, cfg: DictConfig, scale: bool) -> dict[str, Any] | None:
+    """Source predictability and neighbour mixing; None when the units come from one source."""
+    b = cfg.batch_effects
+    sources = feats.units["source"].to_numpy()
+    if not b.enabled or len(set(sources)) < 2:
+        return None
+    x = torch.as_tensor(feats.features).float()
+    if scale:
+        x, _ = standardise(x, x[:1])
+    groups = feats.units[cfg.eval.group_by].to_numpy()
+    return {
+        "source_predictability": source_predictability(
+            x,
+            sources,
+            groups,
+            b.n_splits,
+            cfg.seed,
+            None,
+            cfg.probes.linear.max_iter,
+            cfg.probes.linear.device,
+        ),
+        "neighbour_mixing": neighbour_source_mixing(x, sources, min(b.k, len(x) - 1)),
+    }
+
+
+def umap_figure(
+    feats: CachedFeatures, column: str, title: str, path: Path, max_points: int, seed: int
+) -> Path:
+    """2-D UMAP of the features coloured by a units column, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import umap
+
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(feats.features), size=min(max_points, len(feats.features)), replace=False))
+    xy = umap.UMAP(random_state=seed, n_jobs=1).fit_transform(feats.features[idx])
+    values = feats.units[column].astype(str).to_numpy()[idx]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for value in sorted(set(values)):
+        sel = values == value
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=3, label=value)
+    ax.set_title(title)
+    ax.legend(markerscale=4, fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def results_table(results: dict[str, Any]) -> str:
+    rows = []
+    for feature_set, by_probe in results.items():
+        for probe, scores in by_probe.items():
+            row = {"features": feature_set, "probe": probe}
+            for m in ("accuracy", "balanced_accuracy", "weighted_f1", "macro_f1"):
+                row[m] = f"{100 * scores[m]['mean']:.1f} ± {100 * scores[m]['std']:.1f}"
+            rows.append(row)
+    return markdown_table(pd.DataFrame(rows))
+
+
+def log_everything(cfg: DictConfig, summary: dict[str, Any], figures: list[Path]) -> None:
+    """Scalars to every logger; per-class tables, confusion matrices and UMAPs to W&B."""
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    flat = {
+        f"{fs}/{probe}/{m}": s[m]["mean"]
+        for fs, by_probe in summary["results"].items()
+        for probe, s in by_probe.items()
+        for m in ("accuracy", "balanced_accuracy", "weighted_f1", "macro_f1")
+    }
+    for fs, be in summary["batch_effects"].items():
+        if be is not None:
+            flat[f"{fs}/batch/source_bacc"] = be["source_predictability"]["balanced_accuracy"]
+            flat[f"{fs}/batch/mixing_ratio"] = be["neighbour_mixing"]["ratio"]
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_metrics(flat, step=0)
+        if isinstance(lg, WandbLogger):
+            classes = summary["protocol"]["classes"]
+            for fs, by_probe in summary["results"].items():
+                for probe, s in by_probe.items():
+                    lg.log_table(
+                        f"{fs}/{probe}/per_class_f1",
+                        columns=["class", "f1"],
+                        data=[[c, s["per_class_f1"][c]] for c in classes],
+                    )
+                    lg.log_table(
+                        f"{fs}/{probe}/confusion",
+                        columns=["true", *classes],
+                        data=[[c, *row] for c, row in zip(classes, s["confusion"], strict=True)],
+                    )
+            if figures:
+                lg.log_image("umap", images=[str(p) for p in figures], caption=[p.stem for p in figures])
+        lg.save()
+        if isinstance(lg, WandbLogger):
+            lg.experiment.finish()
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate; returns what is written to ``results.json``."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    units = instantiate(cfg.data.eval_units)
+    if cfg.max_units is not None and len(units) > cfg.max_units:
+        units = units.sample(n=cfg.max_units, random_state=cfg.seed).sort_index().reset_index(drop=True)
+    classes = list(cfg.data.classes)
+    nets, size, mean, std = backbones(cfg)
+    transform = eval_transform(size, mean, std)
+    sets: dict[str, tuple[CachedFeatures, bool]] = {}
+    for name, net in nets.items():
+        if name in cfg.feature_sets:
+            sets[name] = (backbone_features(name, net, units, classes, cfg, transform), False)
+    if "morphometrics" in cfg.feature_sets:
+        sets["morphometrics"] = (morphometric_table(units, classes, cfg), True)
+    unknown = sorted(set(cfg.feature_sets) - set(sets))
+    if unknown:
+        raise ValueError(f'feature sets {unknown} unavailable ("pretrained" needs weights=<export dir>)')
+    e = cfg.eval
+    labels = next(iter(sets.values()))[0].labels
+    splits = make_splits(
+        e.protocol,
+        labels,
+        units[e.group_by].to_numpy() if e.group_by else None,
+        units["source"].to_numpy(),
+        units[e.split_column].to_numpy() if e.protocol == "fixed" else None,
+        e.n_splits,
+        cfg.seed,
+    )
+    results, effects, figures = {}, {}, []
+    for name, (feats, scale) in sets.items():
+        log.info("scoring %s (%d x %d) on %d splits", name, *feats.features.shape, len(splits))
+        results[name] = score_feature_set(feats, splits, classes, cfg, scale)
+        effects[name] = batch_effects(feats, cfg, scale)
+        if cfg.umap.enabled:
+            for column in cfg.umap.color_by:
+                path = out / f"umap_{name}_by_{column}.png"
+                figures.append(
+                    umap_figure(feats, column, f"{name} by {column}", path, cfg.umap.max_points, cfg.seed)
+                )
+    summary = {
+        "protocol": {
+            "name": e.protocol,
+            "splits": [s.name for s in splits],
+            "units": len(units),
+            "sources": sorted(set(units["source"])),
+            "groups": int(units[e.group_by].nunique()) if e.group_by else None,
+            "group_by": e.group_by,
+            "classes": classes,
+            "feature_pooling": cfg.features.pooling,
+            "weights": cfg.weights,
+        },
+        "results": results,
+        "batch_effects": effects,
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    table = results_table(results)
+    (out / "results.md").write_text(table + "\n")
+    print(f"\n{e.protocol} on {len(units)} units ({out}):\n{table}\n")
+    log_everything(cfg, summary, figures)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

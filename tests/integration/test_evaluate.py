@@ -1,0 +1,107 @@
+"""``reddino-eval`` end to end on synthetic cells: an exported backbone vs random init and morphometrics."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from reddino.evaluate import run
+from reddino.ssl.backbone import build_backbone
+from reddino.ssl.export import export_timm
+from reddino.weights import load_export
+
+# the tiny synthetic data of debug=fast (shared cache with the pretraining tests)
+SMALL_DATA = (
+    "data.generator.subjects_per_source=5",
+    "data.generator.smears_per_subject=1",
+    "data.generator.smear_size=[192,192]",
+    "data.generator.cells_per_smear=[25,40]",
+)
+
+
+@pytest.fixture
+def exported(tmp_path):
+    torch.manual_seed(0)
+    net = build_backbone(
+        "vit_small_patch14_dinov2", 32, 8, 0.0, 1.0, True, {"embed_dim": 48, "depth": 2, "num_heads": 2}
+    )
+    args = {
+        "img_size": 32,
+        "patch_size": 8,
+        "init_values": 1.0,
+        "dynamic_img_size": True,
+        "embed_dim": 48,
+        "depth": 2,
+        "num_heads": 2,
+    }
+    export_timm(net, tmp_path / "export", "vit_small_patch14_dinov2", args, [0.5] * 3, [0.25] * 3)
+    return tmp_path / "export", net
+
+
+def test_export_loads_back_with_identical_features(exported):
+    folder, net = exported
+    loaded = load_export(folder)
+    assert loaded.input_size == 32 and loaded.mean == [0.5] * 3
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.model.forward_features(x), net.eval().forward_features(x))
+
+
+def test_eval_kfold_with_baselines_batch_effects_and_wandb(make_cfg, exported, tmp_path):
+    folder, _ = exported
+    cfg = make_cfg(
+        f"weights={folder}",
+        *SMALL_DATA,
+        "max_units=240",
+        "data.eval_sources=[src3,src4]",
+        "probes.knn.ks=[1,5]",
+        "probes.linear.max_iter=50",
+        "umap.max_points=200",
+        "progress=false",
+        config_name="eval",
+    )
+    summary = run(cfg)
+    out = tmp_path / "run"
+    results = json.loads((out / "results.json").read_text())
+    assert results == json.loads(json.dumps(summary))
+    assert set(results["results"]) == {"pretrained", "random_init", "morphometrics"}
+    for by_probe in results["results"].values():
+        assert set(by_probe) == {"linear", "knn1", "knn5"}
+        for scores in by_probe.values():
+            assert len(scores["weighted_f1"]["folds"]) == 5 and scores["n_test"] == 240
+            assert sum(map(sum, scores["confusion"])) == 240
+    assert results["protocol"]["sources"] == ["src3", "src4"]
+    effects = results["batch_effects"]["random_init"]
+    assert effects["source_predictability"]["chance"] == 0.5
+    assert 0.0 <= effects["neighbour_mixing"]["ratio"] <= 2.0
+    assert len(list(out.glob("umap_*_by_*.png"))) == 6
+    metrics = pd.read_csv(out / "csv" / "metrics.csv")
+    assert "pretrained/linear/weighted_f1" in metrics.columns
+    assert list((out / "wandb").glob("offline-run-*")), "W&B must write its offline run into the run dir"
+    # a second evaluation reads every feature set from the cache
+    again = run(cfg)
+    assert again["results"]["pretrained"]["knn1"] == summary["results"]["pretrained"]["knn1"]
+
+
+def test_eval_loso_and_missing_weights(make_cfg):
+    cfg = make_cfg(
+        "eval=loso",
+        *SMALL_DATA,
+        "feature_sets=[random_init]",
+        "features.image_size=32",
+        "max_units=200",
+        "data.eval_sources=[src2,src3,src4]",
+        "probes.linear.enabled=false",
+        "umap.enabled=false",
+        "logger=csv",
+        "progress=false",
+        config_name="eval",
+    )
+    summary = run(cfg)
+    assert summary["protocol"]["splits"] == ["loso:src2", "loso:src3", "loso:src4"]
+    assert set(summary["results"]["random_init"]) == {"knn1", "knn20"}
+    cfg.feature_sets = ["pretrained"]
+    with pytest.raises(ValueError, match="needs weights"):
+        run(cfg)
