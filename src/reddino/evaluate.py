@@ -230,7 +230,7 @@ def results_table(results: dict[str, Any]) -> str:
             for m in ("accuracy", "balanced_accuracy", "weighted_f1", "macro_f1"):
                 row[m] = f"{100 * scores[m]['mean']:.1f} ± {100 * scores[m]['std']:.1f}"
             rows.append(row)
-    return markdown_table(pd.DataFrame(rows))
+    return markdown_table(pd.DataFrame(rows)) if rows else "(no classification probe enabled)"
 
 
 def log_everything(cfg: DictConfig, summary: dict[str, Any], figures: list[Path]) -> None:
