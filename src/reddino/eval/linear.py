@@ -11,8 +11,15 @@ penalty is ``1 / (C * n_samples)`` because the loss is averaged, not summed)::
     (1/n) sum_i CE(W x_i + b, y_i)  +  1 / (2 C n) ||W||_F^2        (b unpenalised)
 
 i.e. the textbook ``sum_i CE + ||W||^2 / (2C)`` divided by n. Same minimiser; the averaging matters for
-the stopping rule (``gtol = tol`` on the largest gradient component of the AVERAGED objective), which
-``TorchLinearProbe`` copies (``tolerance_grad = tol``), as it copies the zero initialisation.
+the stopping rule (``gtol = tol`` on the largest gradient component of the AVERAGED objective, n times
+looser than on the summed objective that sklearn < 1.1 minimised), which ``TorchLinearProbe`` copies
+(``tolerance_grad = tol``), as it copies the zero initialisation and history size 10.
+
+Raw features are badly conditioned, and sklearn often stops at max_iter unconverged. The torch probe
+therefore solves in centred and scaled coordinates by default: an exact change of variables (penalty
+still on the raw-feature weights, the shift absorbed by the unpenalised bias), so the minimiser is the
+reference's, reached in far fewer iterations. Predictions then differ from sklearn's only where sklearn
+had not converged.
 
 Two classes: scikit-learn >= 1.8 fits the binomial model (one weight vector) where the reference's
 ``multi_class="multinomial"`` penalised two softmax vectors. The softmax optimum is antisymmetric
