@@ -29,6 +29,7 @@ from reddino.data.prepare import (
     MANIFEST_COLUMNS,
     CellSettings,
     PatchSettings,
+    materialise_units,
     prepare_parsed,
     write_parquet_atomic,
     write_text_atomic,
@@ -248,6 +249,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     duplicates = find_duplicates(all_images, cfg.dedup.max_distance, prepared)
     union = all_units[~all_units["file"].isin(set(duplicates["file"]))].reset_index(drop=True)
     write_parquet_atomic(union, out / "manifests" / "union.parquet")
+    if cfg.materialise:
+        crops = materialise_units(union, out / "units", cfg.materialise_cache_size)
+        write_parquet_atomic(crops, out / "manifests" / "union.materialised.parquet")
     duplicates.to_csv(out / "duplicates.csv", index=False)
     all_skipped.to_csv(out / "skipped.csv", index=False)
     table = summarise(all_units, all_images, duplicates)

@@ -254,3 +254,34 @@ def test_labelled_datamodule_serves_in_order(tmp_path):
     batches = list(dm.predict_dataloader())
     assert [b[0].shape for b in batches] == [(2, 3, 8, 8), (1, 3, 8, 8)]
     assert np.concatenate([b[1].numpy() for b in batches]).tolist() == [1, 0, 1]
+
+
+def test_materialise_units_writes_identical_crops_once(tmp_path):
+    from reddino.data.patches import crop_padded
+    from reddino.data.prepare import materialise_units
+
+    img = smear(64, 48, [(20, 20, 8), (50, 30, 9)])
+    f = write(tmp_path / "a.png", img)
+    units = pd.DataFrame(
+        {
+            "file": [f, f],
+            "x0": [0, 40],
+            "y0": [0, 30],
+            "x1": [32, 72],  # the second box leaves the image: padded like on-the-fly crops
+            "y1": [32, 60],
+            "unit": ["patch", "cell"],
+            "source": "s",
+            "subject": "s/a",
+            "label": [None, "normal"],
+            "dataset": "ds",
+        }
+    )
+    crops = materialise_units(units, tmp_path / "units", 4)
+    for row, crop in zip(units.itertuples(), crops.itertuples(), strict=True):
+        expected = crop_padded(img, (row.x0, row.y0, row.x1, row.y1))
+        np.testing.assert_array_equal(np.asarray(Image.open(crop.file)), expected)
+        assert (crop.x0, crop.y0, crop.x1, crop.y1) == (0, 0, 32, 30 if row.Index else 32)
+    assert crops["label"].isna().tolist() == [True, False] and crops["label"].iloc[1] == "normal"
+    mtimes = [p.stat().st_mtime_ns for p in sorted((tmp_path / "units").rglob("*.png"))]
+    materialise_units(units, tmp_path / "units", 4)
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "units").rglob("*.png"))] == mtimes

@@ -295,3 +295,33 @@ def _concat(frames: Sequence[pd.DataFrame], columns: Sequence[str]) -> pd.DataFr
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
     return pd.concat(frames, ignore_index=True)[list(columns)]
+
+
+def materialise_units(units: pd.DataFrame, out_dir: Path, image_cache_size: int) -> pd.DataFrame:
+    """Write every unit's crop as a PNG under ``out_dir`` and return the manifest pointing at them.
+
+    For training on file systems where decoding whole smears per crop is the bottleneck. File names
+    are content addresses of (source file, box), so a rerun skips crops already written; writes are
+    atomic. The returned rows keep every column, with ``file`` the crop and the box its full extent.
+    """
+    from PIL import Image
+
+    from reddino.data.datasets import ImageCache  # local: keeps torch out of the preparation imports
+    from reddino.data.patches import crop_padded
+
+    cache = ImageCache(image_cache_size)
+    rows = units.reset_index(drop=True).copy()
+    files, widths, heights = [], [], []
+    for unit in rows.itertuples(index=False):
+        box = (int(unit.x0), int(unit.y0), int(unit.x1), int(unit.y1))
+        key = hashlib.sha1(f"{unit.file}|{box}".encode()).hexdigest()[:20]
+        path = out_dir / str(unit.dataset) / key[:2] / f"{key}.png"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+            Image.fromarray(crop_padded(cache.get(unit.file), box)).save(tmp)
+            os.replace(tmp, path)
+        files.append(str(path))
+        widths.append(box[2] - box[0])
+        heights.append(box[3] - box[1])
+    return rows.assign(file=files, x0=0, y0=0, x1=widths, y1=heights)
