@@ -41,7 +41,7 @@ from reddino.eval.metrics import classification_metrics, confusion_matrix
 from reddino.eval.morphometrics import MORPHOMETRIC_NAMES, morphometric_features
 from reddino.eval.protocols import Split, make_splits
 from reddino.tables import markdown_table
-from reddino.weights import LoadedBackbone, build_from_config, load_export
+from reddino.weights import LoadedBackbone, build_from_config, load_backbone
 
 log = logging.getLogger("reddino.evaluate")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -56,7 +56,7 @@ def backbones(cfg: DictConfig) -> tuple[dict[str, torch.nn.Module], int, list[fl
     """
     torch.manual_seed(cfg.seed)
     if cfg.weights is not None:
-        loaded: LoadedBackbone = load_export(cfg.weights)
+        loaded: LoadedBackbone = load_backbone(cfg.weights)
         config = {"architecture": loaded.architecture, "model_args": loaded.model_args}
         nets = {"pretrained": loaded.model, "random_init": build_from_config(config)}
         return nets, loaded.input_size, loaded.mean, loaded.std

@@ -1,5 +1,6 @@
-"""Backbones from our own exports: ``export/`` of a pretraining run (timm ``config.json`` +
-``model.safetensors``), loaded strictly and without executing pickled code."""
+"""Backbones from our own runs: the ``export/`` folder (timm ``config.json`` + ``model.safetensors``) or a
+Lightning checkpoint (``checkpoints/*.ckpt``, whose run directory holds ``config.yaml``). Keys are
+checked strictly and nothing pickled is executed (safetensors, ``torch.load(weights_only=True)``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
@@ -61,3 +65,45 @@ def load_export(path: str | Path) -> LoadedBackbone:
         mean=list(pre["mean"]),
         std=list(pre["std"]),
     )
+
+
+TEACHER_PREFIX = "teacher.backbone."
+
+
+def load_lightning_checkpoint(path: str | Path) -> LoadedBackbone:
+    """The teacher backbone of a pretraining checkpoint, built from the run's ``config.yaml``."""
+    path = Path(path)
+    config_file = path.parent.parent / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: missing; a checkpoint is read with its run's config.yaml")
+    cfg = OmegaConf.load(config_file)
+    model = instantiate(cfg.model)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = {
+        k[len(TEACHER_PREFIX) :]: v
+        for k, v in checkpoint["state_dict"].items()
+        if k.startswith(TEACHER_PREFIX)
+    }
+    if not state:
+        raise ValueError(f"{path}: no '{TEACHER_PREFIX}*' keys; not a reddino pretraining checkpoint")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: keys do not match the run's model: missing {missing}, extra {unexpected}")
+    args = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("_target_", "arch")}
+    args.update(args.pop("overrides") or {})
+    return LoadedBackbone(
+        model=model.eval(),
+        architecture=cfg.model.arch,
+        model_args=args,
+        input_size=int(cfg.model.img_size),
+        mean=list(cfg.augment.mean),
+        std=list(cfg.augment.std),
+    )
+
+
+def load_backbone(path: str | Path) -> LoadedBackbone:
+    """Any backbone file of ours: an export folder / ``.safetensors``, or a Lightning ``.ckpt``."""
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        return load_lightning_checkpoint(path)
+    return load_export(path)

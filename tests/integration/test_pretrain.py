@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from reddino.pretrain import run
+from reddino.weights import load_backbone
 
 
 def test_debug_run_writes_checkpoints_logs_export_and_report(make_cfg, tmp_path):
@@ -51,6 +52,13 @@ def test_debug_run_writes_checkpoints_logs_export_and_report(make_cfg, tmp_path)
     config = json.loads((out / "export" / "config.json").read_text())
     plain = timm.create_model(config["architecture"], num_classes=0, **config["model_args"])
     plain.load_state_dict(state, strict=True)
+
+    # the checkpoint's teacher and the export are the same network for evaluation
+    from_ckpt = load_backbone(out / "checkpoints" / "last.ckpt")
+    from_export = load_backbone(out / "export")
+    assert from_ckpt.input_size == from_export.input_size == cfg.ssl.crops.global_size
+    x = torch.randn(2, 3, from_ckpt.input_size, from_ckpt.input_size)
+    torch.testing.assert_close(from_ckpt.model.forward_features(x), from_export.model.forward_features(x))
 
 
 def test_short_cpu_training_lowers_the_loss_without_collapse(make_cfg):

@@ -224,7 +224,14 @@ class DinoV2Module(pl.LightningModule):
     def on_train_start(self) -> None:
         self._ema_pairs = ema_param_pairs(self.teacher, self.student)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Student step, then the EMA teacher update, inside the same Lightning step.
+
+        Done here rather than in ``on_train_batch_end``: Lightning runs callbacks' batch-end hooks
+        (ModelCheckpoint) before the module's, so a checkpoint would hold a teacher one update behind
+        its student; and with gradient accumulation the teacher must move once per optimiser step.
+        """
+        super().optimizer_step(*args, **kwargs)
         teacher, student = self._ema_pairs
         ema_update_(teacher, student, self._step_values["momentum"])
 
