@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from reddino.data.io import read_rgb
 from reddino.data.segment import (
@@ -39,22 +40,10 @@ from reddino.data.segment import (
     resolve_cellpose_weights,
 )
 
-# Chosen with --tune on TUNE_IDS (see segment_chula.md); the values conf/prepare.yaml should carry.
-CLASSICAL_PARAMS: dict[str, Any] = {
-    "cell_diameter": 40.0,
-    "foreground": "green_od",
-    "threshold": "otsu",
-    "threshold_factor": 0.9,
-    "min_contrast": 0.03,
-    "smooth_sigma": 1.0,
-    "closing_radius": 0,
-    "max_hole_area": 1200,
-    "peak_separation": 0.25,
-    "distance_sigma": 1.0,
-    "min_area": 300,
-    "max_area": 4000,
-    "border_min_area": 800,
-}
+# Chosen with --tune on TUNE_IDS (see segment_chula.md); read from conf/prepare.yaml, which carries them.
+CLASSICAL_PARAMS: dict[str, Any] = OmegaConf.to_container(
+    OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "prepare.yaml").segmentation.classical
+)
 
 # Cellpose-SAM at cellpose's own defaults, rescaled for ~40 px cells; used only if the weights are local.
 CELLPOSE_PARAMS: dict[str, Any] = {

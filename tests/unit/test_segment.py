@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 from scipy import ndimage as ndi
 
@@ -29,22 +30,10 @@ from reddino.data.segment import (
     resolve_cellpose_weights,
 )
 
-# The values tuned on Chula (benchmarks/segment_chula.py, CLASSICAL_PARAMS); cells ~40 px across.
-CLASSICAL = {
-    "cell_diameter": 40.0,
-    "foreground": "green_od",
-    "threshold": "otsu",
-    "threshold_factor": 0.9,
-    "min_contrast": 0.03,
-    "smooth_sigma": 1.0,
-    "closing_radius": 0,
-    "max_hole_area": 1200,
-    "peak_separation": 0.25,
-    "distance_sigma": 1.0,
-    "min_area": 300,
-    "max_area": 4000,
-    "border_min_area": 800,
-}
+# The values tuned on Chula (benchmarks/segment_chula.md), exactly as the preparation config carries them.
+CLASSICAL = OmegaConf.to_container(
+    OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "prepare.yaml").segmentation.classical
+)
 CELLPOSE = {
     "weights": None,
     "diameter": 40.0,
