@@ -6,10 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+from threadpoolctl import threadpool_limits
 
 import reddino.config  # noqa: F401  (resolvers)
 
@@ -47,3 +49,14 @@ def make_cfg(tmp_path: Path, synthetic_cache: Path):
 def data_root() -> Path | None:
     root = os.environ.get("REDDINO_DATA_ROOT")
     return Path(root) if root and Path(root).is_dir() else None
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One BLAS/OpenMP thread: on a shared 2-core box, solver threads spin against other jobs (measured:
+    up to 50x slower for the L-BFGS probes)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(previous)

@@ -7,7 +7,6 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
-from threadpoolctl import threadpool_limits
 
 from reddino.eval.linear import (
     TorchLinearProbe,
@@ -19,14 +18,7 @@ from reddino.eval.linear import (
 N, D, K = 2000, 64, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On a shared 2-core box, BLAS/OpenMP threads spin against other jobs (measured: 50x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +97,24 @@ def test_preconditioning_converges_faster_on_badly_scaled_features(mixture):
     assert iters_pre < iters_plain / 3
     with torch.no_grad():
         assert float(pre.objective(xt, yt)) <= float(plain.objective(xt, yt)) + 1e-9
+
+
+def test_default_tolerance_lands_on_the_optimum_when_nearly_separable():
+    """Weak penalty, few samples per weight, raw scaling: the default probe predicts like a tight solve."""
+    rng = np.random.default_rng(0)
+    n, d, k = 1000, 128, 8
+    y = rng.integers(0, k, n)
+    x = (rng.normal(scale=0.15, size=(k, d))[y] + rng.normal(size=(n, d))) * rng.lognormal(
+        sigma=0.5, size=d
+    ) + 0.5
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    C = reference_C(d, k)
+    optimum = TorchLinearProbe(d, k, C, 800, max_iter=2000, tol=1e-9).double()
+    optimum.fit_full_batch(xt[:800], yt[:800])
+    with torch.no_grad():
+        expected = optimum(xt[800:]).argmax(dim=1)
+    got = torch_linear_probe(xt[:800], yt[:800], xt[800:], k, C, 1000, "cpu")
+    assert torch.equal(got, expected)
 
 
 def test_penalty_is_scaled_by_the_full_training_size():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -112,12 +110,3 @@ def test_noise_only_crop_is_finite():
 def test_rejects_grey_crops():
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         morphometric_features(np.zeros((80, 80), np.uint8))
-
-
-def test_fast_enough_for_a_whole_dataset():
-    crop = draw(20, pale=0.4)
-    morphometric_features(crop)
-    start = time.perf_counter()
-    for _ in range(50):
-        morphometric_features(crop)
-    assert (time.perf_counter() - start) / 50 < 0.015  # ~2.5 ms measured; slack for a loaded machine

@@ -12,8 +12,11 @@ penalty is ``1 / (C * n_samples)`` because the loss is averaged, not summed)::
 
 i.e. the textbook ``sum_i CE + ||W||^2 / (2C)`` divided by n. Same minimiser; the averaging matters for
 the stopping rule (``gtol = tol`` on the largest gradient component of the AVERAGED objective, n times
-looser than on the summed objective that sklearn < 1.1 minimised), which ``TorchLinearProbe`` copies
-(``tolerance_grad = tol``), as it copies the zero initialisation and history size 10.
+looser than on the summed objective that sklearn < 1.1 minimised). ``TorchLinearProbe`` uses the same
+rule (``tolerance_grad = tol``), the zero initialisation and history size 10, but a tighter default tol
+(``TORCH_TOL``): with the weak penalty C = D K / 100 and small folds the problem is nearly separable and
+tol 1e-4 stops far from the optimum whatever the solver (measured on 2,400 x 384 x 13 synthetic: sklearn's
+default answer matches the optimum's test predictions on 87% of cells, at 1e-6 the torch probe on 99.8%).
 
 Raw features are badly conditioned, and sklearn often stops at max_iter unconverged. The torch probe
 therefore solves in centred and scaled coordinates by default: an exact change of variables (penalty
@@ -37,6 +40,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import Tensor, nn
 
 SKLEARN_TOL = 1e-4  # LogisticRegression's default tol, which the reference keeps
+TORCH_TOL = 1e-6  # reaches the optimum in the nearly separable regime; cheap once preconditioned
 
 
 def reference_C(feature_dim: int, num_classes: int) -> float:
@@ -68,8 +72,8 @@ class TorchLinearProbe(pl.LightningModule):
     Preconditioning (``set_preconditioner``) is a change of variables, not of the objective: the layer
     sees ``(x - shift) / scale`` and the penalty is taken on ``weight / scale``, which are the raw-feature
     weights, so the minimiser in raw space is unchanged (the shift is absorbed by the unpenalised bias).
-    Raw CLS features are badly scaled; on the Chula-sized benchmark this cut L-BFGS from 1000
-    iterations (unconverged, like sklearn there) to under 100, reaching a lower objective value.
+    Raw CLS features are badly scaled; on a Chula-sized fold at tol 1e-4 this cut L-BFGS from 1000
+    iterations (unconverged, like sklearn there) to 86, reaching a lower objective value.
     """
 
     def __init__(
@@ -79,7 +83,7 @@ class TorchLinearProbe(pl.LightningModule):
         C: float,
         n_train: int,
         max_iter: int = 1000,
-        tol: float = SKLEARN_TOL,
+        tol: float = TORCH_TOL,
         history_size: int = 10,
     ) -> None:
         super().__init__()
@@ -177,13 +181,14 @@ def torch_linear_probe(
     device: str | torch.device,
     dtype: torch.dtype = torch.float32,
     precondition: bool = True,
+    tol: float = TORCH_TOL,
 ) -> Tensor:
     """Predictions in ``[0, num_classes)`` from the torch probe (on CPU, as a long tensor).
 
     Like sklearn, the model only knows the classes present in the training fold: a class absent from
     it gets no softmax output at all (an unpenalised bias would otherwise run off to -inf), and
     predictions are mapped back to the global label indices. float32 is enough once preconditioned
-    (measured: same objective value as float64 to 1e-6); pass float64 for tight tolerances.
+    (measured at Chula size: objective within 3e-5 of a float64 solve, 99.7% identical predictions).
     """
     device = torch.device(device)
     train_y = train_y.long()
@@ -194,7 +199,7 @@ def torch_linear_probe(
         raise ValueError("a linear probe needs at least two classes in the training fold")
     local_y = torch.searchsorted(present, train_y)
     x = train_x.to(device=device, dtype=dtype)
-    probe = TorchLinearProbe(x.shape[1], present.numel(), C, x.shape[0], max_iter).to(device, dtype)
+    probe = TorchLinearProbe(x.shape[1], present.numel(), C, x.shape[0], max_iter, tol).to(device, dtype)
     probe.fit_full_batch(x, local_y.to(device), precondition=precondition)
     with torch.no_grad():
         local_pred = probe(test_x.to(device=device, dtype=dtype)).argmax(dim=1).cpu()

@@ -29,7 +29,7 @@ MORPHOMETRIC_NAMES: tuple[str, ...] = (
     "minor_axis",
     "circularity",  # 4 pi area / perimeter^2 (about 1 for a disc, lower for irregular outlines)
     "pallor_ratio",  # mean grey of the inner third of the radius / mean grey of the outer third
-    "hole_fraction",  # share of the filled cell below the threshold's cell side (the unfilled pale centre)
+    "hole_fraction",  # share of the filled cell that thresholding left out (the pale centre, unfilled mask)
     "centre_offset",  # distance from the cell centroid to the crop centre
     *(f"cell_mean_{c}" for c in _CHANNELS),
     *(f"cell_std_{c}" for c in _CHANNELS),
