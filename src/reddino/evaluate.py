@@ -139,7 +139,8 @@ def score_feature_set(
     feats: CachedFeatures, splits: list[Split], classes: list[str], cfg: DictConfig, scale: bool
 ) -> dict[str, Any]:
     """Metrics per probe (mean, std, per fold), per-class F1 and the confusion matrix summed over folds."""
-    x, y = torch.tensor(feats.features).float(), torch.tensor(feats.labels).long()  # copies: cached arrays may be read-only
+    # copies: cached arrays may be read-only
+    x, y = torch.tensor(feats.features).float(), torch.tensor(feats.labels).long()
     n = len(classes)
     per_probe: dict[str, dict[str, list[float]]] = {}
     confusion: dict[str, torch.Tensor] = {}
