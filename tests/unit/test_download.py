@@ -3,6 +3,7 @@ sha256 checks, idempotence, and archive extraction that refuses members escaping
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import http.server
@@ -73,6 +74,19 @@ def files_under(folder: Path) -> list[str]:
 # a real HTTP server on localhost, so the real pooch path (temp file, rename, sha256) is exercised
 
 
+@contextlib.contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve on a free localhost port in a thread; yields the base URL."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 @pytest.fixture
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path, list[str]]]:
     """(base URL, folder it serves, list of request paths)."""
@@ -93,14 +107,8 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
             requests.append(self.path)
             super().do_GET()
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", served, requests
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serving(Handler) as url:
+        yield url, served, requests
 
 
 GOOD_ZIP = {
@@ -342,3 +350,51 @@ def test_plain_file_download_is_copied_under_its_url_name(server, tmp_path):
     spec = make_spec(DownloadSpec(f"{url}/table.csv", sha256(b"file,label\n"), "none", "meta"))
     root = fetch_source(spec, tmp_path / "data", offline=False)
     assert files_under(root) == ["meta/table.csv"]
+
+
+@pytest.fixture
+def range_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path, list[str]]]:
+    """Like ``server`` but honouring ``Range: bytes=N-`` (206 + the tail); records the Range headers."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    served = tmp_path / "served"
+    served.mkdir()
+    ranges: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            data = (served / self.path.lstrip("/")).read_bytes()
+            wanted = self.headers.get("Range")
+            ranges.append(wanted or "")
+            start = int(wanted.split("=")[1].rstrip("-")) if wanted else 0
+            self.send_response(206 if wanted else 200)
+            self.send_header("Content-Length", str(len(data) - start))
+            self.end_headers()
+            self.wfile.write(data[start:])
+
+    with serving(Handler) as url:
+        yield url, served, ranges
+
+
+def test_interrupted_download_resumes_from_the_part_file(range_server, tmp_path):
+    from reddino.data.sources.download import partial_path
+
+    url, served, ranges = range_server
+    payload = zip_bytes(GOOD_ZIP)
+    (served / "toy.zip").write_bytes(payload)
+    spec = make_spec(DownloadSpec(f"{url}/toy.zip", sha256(payload), "zip", ".", strip_components=1))
+    data_root = tmp_path / "data"
+    cache = data_root / ".downloads"
+    cache.mkdir(parents=True)
+    half = len(payload) // 2
+    partial_path(f"{url}/toy.zip", cache / "anything").write_bytes(payload[:half])  # an earlier run died here
+
+    root = fetch_source(spec, data_root, offline=False)
+
+    assert ranges == [f"bytes={half}-"]  # only the missing tail was asked for
+    assert (cache / "toy-0-toy.zip").read_bytes() == payload
+    assert (root / "images" / "b.png").read_bytes() == b"png-b"
+    assert not list(cache.glob(".*.part"))

@@ -16,6 +16,7 @@ only when everything has been extracted: a half-unpacked dataset never looks lik
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import posixpath
 import re
@@ -26,6 +27,7 @@ import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import urlparse
 
 import pooch
@@ -87,8 +89,52 @@ def fetch_source(spec: SourceSpec, data_root: Path, *, offline: bool, allow_unve
     return _install(list(zip(spec.download, files, strict=True)), root)
 
 
+class ResumableHTTPDownloader:
+    """A pooch downloader that continues an interrupted download instead of starting over.
+
+    Bytes go to ``<file>.part`` next to pooch's target; a rerun asks the server for the rest
+    (``Range: bytes=<have>-``) and appends when it answers 206, or starts over when it ignores the
+    range (200). pooch then checks the sha256 of the whole file and renames it into place.
+    """
+
+    def __init__(self, chunk_size: int = 1 << 20, timeout: float = 60.0) -> None:
+        self.chunk_size = chunk_size
+        self.timeout = timeout
+
+    def __call__(self, url: str, output_file: str | Path, pooch_obj: Any, check_only: bool = False) -> Any:
+        import requests  # pooch's own HTTP dependency
+
+        if check_only:
+            return requests.head(url, allow_redirects=True, timeout=self.timeout).ok
+        part = partial_path(url, Path(output_file))
+        have = part.stat().st_size if part.is_file() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        with requests.get(url, headers=headers, stream=True, timeout=self.timeout) as response:
+            if response.status_code == 416:  # the part file already holds everything
+                response.close()
+            else:
+                response.raise_for_status()
+                mode = "ab" if have and response.status_code == 206 else "wb"
+                with open(part, mode) as out:
+                    for chunk in response.iter_content(chunk_size=self.chunk_size):
+                        out.write(chunk)
+        os.replace(part, output_file)  # complete: pooch checks the hash, then renames it into place
+        return None
+
+
+def partial_path(url: str, output_file: Path) -> Path:
+    """Where the bytes of an unfinished download of ``url`` wait between runs.
+
+    pooch hands each attempt a fresh temporary name in the cache folder, so the part file is keyed by
+    the URL, in that same folder.
+    """
+    key = hashlib.sha1(url.encode()).hexdigest()[:12]
+    return output_file.parent / f".{url_file_name(url)}.{key}.part"
+
+
 def retrieve(spec: SourceSpec, index: int, entry: DownloadSpec, cache: Path) -> Path:
-    """Download one catalog file into ``cache`` with pooch (reused when already there and valid)."""
+    """Download one catalog file into ``cache`` with pooch (reused when already there and valid;
+    an interrupted download resumes where it stopped)."""
     known_hash = f"sha256:{entry.sha256}" if entry.sha256 else None
     try:
         path = pooch.retrieve(
@@ -97,6 +143,7 @@ def retrieve(spec: SourceSpec, index: int, entry: DownloadSpec, cache: Path) -> 
             fname=download_name(spec, index, entry),
             path=cache,
             progressbar=False,
+            downloader=ResumableHTTPDownloader(),
         )
     except ValueError as exc:  # pooch reports a checksum mismatch as ValueError
         raise ValueError(f"{spec.name}: download of {entry.url} failed: {exc}") from exc
