@@ -25,6 +25,7 @@ from reddino.eval.features import extract_cls_features
 from reddino.eval.knn_report import format_table, grouped_knn_scores
 from reddino.ssl.export import export_timm
 from reddino.ssl.module import DinoV2Module
+from reddino.weights import init_backbone_, load_backbone
 
 log = logging.getLogger("reddino.pretrain")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -108,7 +109,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         collate_fn=build_collator(cfg),
     )
     backbone = instantiate(cfg.model)
-    initial = copy.deepcopy(backbone)  # the random init training starts from: the baseline to beat
+    if cfg.init is not None:  # continued pretraining: student and teacher start from these weights
+        init_backbone_(backbone, load_backbone(cfg.init, cfg.init_model_args))
+        log.info("backbone initialised from %s (heads start fresh)", cfg.init)
+    initial = copy.deepcopy(backbone)  # what training starts from: the baseline to beat
     module = build_module(cfg, backbone)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
@@ -126,7 +130,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary["exported"] = str(weights)
         if cfg.report.enabled:
             report = knn_evaluation(
-                cfg, {"pretrained_teacher": module.teacher["backbone"], "random_init": initial}
+                cfg,
+                {
+                    "pretrained_teacher": module.teacher["backbone"],
+                    "init_weights" if cfg.init is not None else "random_init": initial,
+                },
             )
             summary.update(report)
             table = format_table(report["results"])

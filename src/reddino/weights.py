@@ -459,3 +459,32 @@ def load_backbone(path: str | Path, model_args: Mapping[str, Any] | None = None)
     if fmt == "dinobloom":
         return load_dinobloom(path, model_args)
     return load_dinov2_hub(path, model_args)
+
+
+def init_backbone_(target: VisionTransformer, source: LoadedBackbone) -> VisionTransformer:
+    """Copy a loaded backbone into the (student) backbone a run builds: continued pretraining.
+
+    Loaders deliver released DINOv2-layout weights at 224 px (grid 37 -> 16, RedDino's once-only
+    resize); a run at another input size resizes that grid again here.
+    the only key allowed to stay is the iBOT ``mask_token`` (released backbones don't carry one, so it
+    starts at zero as in DINOv2). Anything else that does not match raises, naming the keys.
+    """
+    state = dict(source.model.state_dict())
+    grid = target.patch_embed.grid_size[0]
+    if "pos_embed" in state and state["pos_embed"].shape != target.pos_embed.shape:
+        state["pos_embed"] = resample_pos_embed_dinov2(state["pos_embed"], grid)
+    shapes = {
+        k: (tuple(v.shape), tuple(target.state_dict()[k].shape))
+        for k, v in state.items()
+        if k in target.state_dict()
+    }
+    wrong = {k: s for k, s in shapes.items() if s[0] != s[1]}
+    if wrong:
+        raise ValueError(f"init weights do not fit the run's model ({source.architecture}): shapes {wrong}")
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "mask_token"]
+    if missing or unexpected:
+        raise ValueError(
+            f"init weights do not fit the run's model: missing {missing}, unexpected {unexpected}"
+        )
+    return target

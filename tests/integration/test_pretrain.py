@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from hydra.utils import instantiate as hydra_instantiate
 from safetensors.torch import load_file
 
 from reddino.pretrain import run
@@ -87,3 +88,34 @@ def test_nan_guard_names_the_diverged_term():
 
     with pytest.raises(FloatingPointError, match=r"\['ibot'\] diverged"):
         assert_finite({"dino_global": torch.tensor(1.0), "ibot": torch.tensor(float("nan"))}, step=7)
+
+
+def test_continued_pretraining_from_a_dinov2_hub_file(make_cfg, tmp_path):
+    """``init=<DINOv2 hub .pth>``: student and teacher start from it (grid resampled), heads fresh."""
+    from reddino.ssl.backbone import build_backbone
+    from reddino.weights import init_backbone_, resample_pos_embed_dinov2
+
+    tiny = {"embed_dim": 48, "depth": 2, "num_heads": 2}
+    torch.manual_seed(0)
+    hub = build_backbone("vit_small_patch14_dinov2", 518, 14, 0.0, 1.0, False, tiny)  # 37x37 grid, hub keys
+    with torch.no_grad():
+        for p in hub.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    path = tmp_path / "dinov2_hub.pth"
+    torch.save(hub.state_dict(), path)
+
+    common = ("debug=fast", f"init={path}", "+init_model_args.num_heads=2", "ssl.crops.global_size=224")
+    cfg = make_cfg(*common, "model.patch_size=14", "ssl.crops.local_size=98")
+    # the run's network after init = the hub weights with the grid resized once, 37x37 -> 16x16 (RedDino)
+    net = init_backbone_(hydra_instantiate(cfg.model), load_backbone(path, {"num_heads": 2}))
+    state = dict(hub.state_dict())
+    state["pos_embed"] = resample_pos_embed_dinov2(state["pos_embed"], 16)
+    for key, value in state.items():
+        if key != "mask_token":
+            torch.testing.assert_close(net.state_dict()[key], value, msg=key)
+
+    summary = run(cfg)
+    assert set(summary["results"]) == {"pretrained_teacher", "init_weights"}
+
+    with pytest.raises(ValueError, match="do not fit"):  # patch 8 cannot take patch-14 weights
+        run(make_cfg(*common))
