@@ -16,7 +16,7 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,24 +279,37 @@ def parse_centre_points(
     return col.result()
 
 
-def _parse_point_lines(
-    label_file: Path, image: Path, size: tuple[int, int], names: dict[str, str] | None, col: _Collector
-) -> None:
-    lines = _read_lines(label_file, col)
-    seen: dict[tuple[float, float, str], int] = {}
-    for number, line in enumerate(lines or [], start=1):
+def _label_lines(
+    label_file: Path, n_values: int, class_first: bool, names: dict[str, str] | None, col: _Collector
+) -> Iterator[tuple[int, str, str, list[float]]]:
+    """(line number, class id, class name, numbers) of each usable line of a text label file.
+
+    Lines are ``class v1 .. vn`` (``class_first``, YOLO) or ``v1 .. vn class`` (Chula); blank lines
+    are ignored, malformed lines and unknown class ids are skipped with their line number.
+    """
+    for number, line in enumerate(_read_lines(label_file, col) or [], start=1):
         tokens = line.split()
         if not tokens:
             continue
-        xy = _floats(tokens[:2]) if len(tokens) == 3 else None
-        class_id = _class_id(tokens[2]) if len(tokens) == 3 else None
-        if xy is None or class_id is None:
+        well_formed = len(tokens) == n_values + 1
+        numbers = tokens[1:] if class_first else tokens[:-1]
+        values = _floats(numbers) if well_formed else None
+        class_id = _class_id(tokens[0] if class_first else tokens[-1]) if well_formed else None
+        if values is None or class_id is None:
             col.skip(label_file, f"malformed line: {line.strip()!r}", number)
             continue
         label = _resolve_label(class_id, names)
         if label is None:
             col.skip(label_file, f"unknown class id: {class_id}", number)
             continue
+        yield number, class_id, label, values
+
+
+def _parse_point_lines(
+    label_file: Path, image: Path, size: tuple[int, int], names: dict[str, str] | None, col: _Collector
+) -> None:
+    seen: dict[tuple[float, float, str], int] = {}
+    for number, class_id, label, xy in _label_lines(label_file, 2, False, names, col):
         x, y = xy
         if not (0 <= x < size[0] and 0 <= y < size[1]):
             col.skip(label_file, f"point outside image: ({x:g}, {y:g}) in {size[0]}x{size[1]}", number)
@@ -359,21 +372,8 @@ def _parse_yolo_lines(
     tolerance: float,
     col: _Collector,
 ) -> None:
-    lines = _read_lines(label_file, col)
     seen: dict[tuple[str, float, float, float, float], int] = {}
-    for number, line in enumerate(lines or [], start=1):
-        tokens = line.split()
-        if not tokens:
-            continue
-        values = _floats(tokens[1:]) if len(tokens) == 5 else None
-        class_id = _class_id(tokens[0]) if len(tokens) == 5 else None
-        if values is None or class_id is None:
-            col.skip(label_file, f"malformed line: {line.strip()!r}", number)
-            continue
-        label = _resolve_label(class_id, names)
-        if label is None:
-            col.skip(label_file, f"unknown class id: {class_id}", number)
-            continue
+    for number, class_id, label, values in _label_lines(label_file, 4, True, names, col):
         box = _yolo_box(values, size, tolerance)
         if isinstance(box, str):
             col.skip(label_file, box, number)
