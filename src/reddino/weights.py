@@ -53,33 +53,20 @@ def build_from_config(config: dict[str, Any]) -> VisionTransformer:
 
 
 def load_export(path: str | Path) -> LoadedBackbone:
-    """Load ``path`` (an export folder, or its ``model.safetensors`` with ``config.json`` beside it)."""
+    """Load ``path`` (an export folder, or its ``model.safetensors`` with ``config.json`` beside it).
+
+    An export IS a Hugging Face timm folder (``export_timm`` writes that layout), so it is read by the
+    same loader; only the message for missing files is export-specific.
+    """
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     weights = path if path.is_file() else folder / "model.safetensors"
-    config_file = folder / "config.json"
-    for needed in (weights, config_file):
+    for needed in (weights, folder / "config.json"):
         if not needed.is_file():
             raise FileNotFoundError(
                 f"{needed}: missing; expected a reddino export (config.json + model.safetensors)"
             )
-    config = json.loads(config_file.read_text())
-    model = build_from_config(config)
-    state = load_file(str(weights))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{weights}: keys do not match {config['architecture']}: missing {missing}, extra {unexpected}"
-        )
-    pre = config["pretrained_cfg"]
-    return LoadedBackbone(
-        model=model.eval(),
-        architecture=config["architecture"],
-        model_args=dict(config["model_args"]),
-        input_size=int(pre["input_size"][-1]),
-        mean=list(pre["mean"]),
-        std=list(pre["std"]),
-    )
+    return load_timm_hf_folder(path)
 
 
 TEACHER_PREFIX = "teacher.backbone."
@@ -101,9 +88,7 @@ def load_lightning_checkpoint(path: str | Path) -> LoadedBackbone:
     }
     if not state:
         raise ValueError(f"{path}: no '{TEACHER_PREFIX}*' keys; not a reddino pretraining checkpoint")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: keys do not match the run's model: missing {missing}, extra {unexpected}")
+    _load_strict(model, state, path)
     args = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("_target_", "arch")}
     args.update(args.pop("overrides") or {})
     return LoadedBackbone(
@@ -315,9 +300,11 @@ def infer_model_args(
 
 
 def _load_strict(model: VisionTransformer, state: Mapping[str, Tensor], source: Path | str) -> None:
-    """Load with every key accounted for; ``mask_token`` is the only key allowed to be left over."""
-    state = {k: v for k, v in state.items() if k not in OPTIONAL_KEYS}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    """Load with every key accounted for; ``mask_token`` may be absent on either side (timm models
+    have none, released backbones may lack it) and is loaded when both have it."""
+    missing, unexpected = model.load_state_dict(dict(state), strict=False)
+    missing = [k for k in missing if k not in OPTIONAL_KEYS]
+    unexpected = [k for k in unexpected if k not in OPTIONAL_KEYS]
     if missing or unexpected:
         raise ValueError(
             f"{source}: keys do not match the timm model: missing {missing}, unexpected {unexpected}"
@@ -465,9 +452,9 @@ def init_backbone_(target: VisionTransformer, source: LoadedBackbone) -> VisionT
     """Copy a loaded backbone into the (student) backbone a run builds: continued pretraining.
 
     Loaders deliver released DINOv2-layout weights at 224 px (grid 37 -> 16, RedDino's once-only
-    resize); a run at another input size resizes that grid again here.
-    the only key allowed to stay is the iBOT ``mask_token`` (released backbones don't carry one, so it
-    starts at zero as in DINOv2). Anything else that does not match raises, naming the keys.
+    resize); a run at another input size resizes that grid again here. The only key allowed to stay
+    is the iBOT ``mask_token`` (released backbones don't carry one, so it starts at zero as in DINOv2).
+    Anything else that does not match raises, naming the keys.
     """
     state = dict(source.model.state_dict())
     grid = target.patch_embed.grid_size[0]
@@ -481,10 +468,5 @@ def init_backbone_(target: VisionTransformer, source: LoadedBackbone) -> VisionT
     wrong = {k: s for k, s in shapes.items() if s[0] != s[1]}
     if wrong:
         raise ValueError(f"init weights do not fit the run's model ({source.architecture}): shapes {wrong}")
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "mask_token"]
-    if missing or unexpected:
-        raise ValueError(
-            f"init weights do not fit the run's model: missing {missing}, unexpected {unexpected}"
-        )
+    _load_strict(target, state, f"init weights ({source.architecture})")
     return target
