@@ -65,11 +65,21 @@ def backbones(cfg: DictConfig) -> tuple[dict[str, torch.nn.Module], int, list[fl
 
 
 def backbone_features(
-    name: str, net: torch.nn.Module, units: pd.DataFrame, classes: list[str], cfg: DictConfig, transform: Any
+    name: str,
+    net: torch.nn.Module,
+    units: pd.DataFrame,
+    classes: list[str],
+    cfg: DictConfig,
+    inputs: dict[str, Any],
 ) -> CachedFeatures:
-    """Cached frozen features of ``net`` on ``units`` (computed by a Lightning predict pass on a miss)."""
+    """Cached frozen features of ``net`` on ``units`` (computed by a Lightning predict pass on a miss).
+
+    ``inputs`` (size, mean, std) is what the network is fed; with the pooling and the label map it
+    keys the cache, so a change to any of them recomputes instead of reading stale features.
+    """
     f = cfg.features
-    settings = {"pooling": f.pooling, "transform": repr(transform.__qualname__), "size": f.image_size}
+    transform = eval_transform(inputs["size"], inputs["mean"], inputs["std"])
+    settings = {"pooling": f.pooling, **inputs, "classes": classes}
     path = feature_cache_path(Path(f.cache_dir), f"{name}-{state_digest(net)}", units, settings)
     if path.is_dir():
         log.info("%s: features from cache %s", name, path)
@@ -91,7 +101,8 @@ def backbone_features(
 
 def morphometric_table(units: pd.DataFrame, classes: list[str], cfg: DictConfig) -> CachedFeatures:
     """Morphometric features of every unit's raw crop (cached like backbone features)."""
-    path = feature_cache_path(Path(cfg.features.cache_dir), MORPHOMETRICS_VERSION, units, {})
+    cache = Path(cfg.features.cache_dir)
+    path = feature_cache_path(cache, MORPHOMETRICS_VERSION, units, {"classes": classes})
     if path.is_dir():
         return load_features(path)
     crops = UnitDataset(units, transform=lambda x: x, cache_size=cfg.features.image_cache_size)
@@ -281,11 +292,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         units = units.sample(n=cfg.max_units, random_state=cfg.seed).sort_index().reset_index(drop=True)
     classes = list(cfg.data.classes)
     nets, size, mean, std = backbones(cfg)
-    transform = eval_transform(size, mean, std)
+    inputs = {"size": size, "mean": mean, "std": std}
     sets: dict[str, tuple[CachedFeatures, bool]] = {}
     for name, net in nets.items():
         if name in cfg.feature_sets:
-            sets[name] = (backbone_features(name, net, units, classes, cfg, transform), False)
+            sets[name] = (backbone_features(name, net, units, classes, cfg, inputs), False)
     if "morphometrics" in cfg.feature_sets:
         sets["morphometrics"] = (morphometric_table(units, classes, cfg), True)
     unknown = sorted(set(cfg.feature_sets) - set(sets))
