@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 
 from reddino.data.datasets import UnitDataset, eval_transform
 from reddino.data.io import BadImageError, read_rgb
-from reddino.data.patches import foreground_fraction, square_boxes, tile_boxes
-from reddino.data.segment import build_segmenter, label_boxes
+from reddino.data.manifest import UNIT_COLUMNS
+from reddino.data.prepare import CellSettings, PatchSettings, units_of_image
+from reddino.data.segment import LazySegmenter
 from reddino.data.sources.parsers import parse_flat
+from reddino.data.sources.records import empty_objects
 from reddino.eval.features import pool_tokens
 from reddino.weights import LoadedBackbone, load_backbone
 
@@ -36,76 +38,35 @@ MODES = ("image", "patch", "cell")
 PREPARE_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "prepare.yaml"
 
 
-def _units_frame(file: str, boxes: np.ndarray, unit: str) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "file": file,
-            "x0": boxes[:, 0],
-            "y0": boxes[:, 1],
-            "x1": boxes[:, 2],
-            "y1": boxes[:, 3],
-            "unit": unit,
-        }
-    )
-
-
 def find_units(
     folder: Path, mode: str, settings: dict[str, Any]
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
     """The units to embed and the files skipped (with the reason). ``settings`` = prepare.yaml's
-    ``patches``, ``cells`` and ``segmentation`` sections (one source of truth for both tools)."""
+    ``patches``, ``cells`` and ``segmentation`` sections: smears are cut exactly as ``make prepare``
+    cuts them (``units_of_image``), with every cell coming from the segmenter."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     parsed = parse_flat(folder)
     skipped = [{"file": s.file, "reason": s.reason} for s in parsed.skipped]
+    images = parsed.images.assign(source="embed", subject=parsed.images["file"])
+    if mode == "image":  # each file is one crop: nothing to decode yet
+        units = images.assign(x0=0, y0=0, x1=images["width"], y1=images["height"], unit="cell", label=None)
+        return units[list(UNIT_COLUMNS)], skipped
+    patches = PatchSettings.from_config(settings["patches"], enabled=mode == "patch")
+    cells = CellSettings.from_config({**settings["cells"], "segment": "always"}, enabled=mode == "cell")
+    segment = LazySegmenter(settings["segmentation"])
     frames = []
-    segmenter = None
-    p, c = settings["patches"], settings["cells"]
-    for image in tqdm(parsed.images.to_dict("records"), desc="finding units", disable=mode == "image"):
-        if mode == "image":
-            frames.append(
-                _units_frame(image["file"], np.array([[0, 0, image["width"], image["height"]]]), "cell")
-            )
-            continue
+    for image in tqdm(images.to_dict("records"), desc="finding units"):
         try:
             rgb = read_rgb(image["file"])
         except BadImageError as exc:
             skipped.append({"file": image["file"], "reason": str(exc)})
             continue
-        h, w = rgb.shape[:2]
-        if mode == "patch":
-            boxes = tile_boxes(w, h, p["size"])
-            if len(boxes) == 0:
-                skipped.append(
-                    {"file": image["file"], "reason": f"image {w}x{h} smaller than one {p['size']}px patch"}
-                )
-                continue
-            keep = (
-                foreground_fraction(rgb, boxes, p["background_percentile"], p["contrast"])
-                >= p["min_foreground"]
-            )
-            frames.append(_units_frame(image["file"], boxes[keep], "patch"))
-        else:
-            if segmenter is None:
-                s = settings["segmentation"]
-                segmenter = build_segmenter(s["backend"], s["cellpose"], s["classical"])
-                log.info("segmentation backend: %s", segmenter.name)
-            found = label_boxes(segmenter.segment(rgb))
-            found = found[found["area"] >= c["min_area"]]
-            side = (
-                c["box_context"] * np.maximum(found["x1"] - found["x0"], found["y1"] - found["y0"]).to_numpy()
-            )
-            frames.append(
-                _units_frame(
-                    image["file"], square_boxes(found["cx"].to_numpy(), found["cy"].to_numpy(), side), "cell"
-                )
-            )
-    units = (
-        pd.concat(frames, ignore_index=True)
-        if frames
-        else pd.DataFrame(columns=["file", "x0", "y0", "x1", "y1", "unit"])
-    )
-    return units.assign(source="embed", subject=units["file"], label=None), skipped
+        found, notes = units_of_image(rgb, image, empty_objects(), patches, cells, None, segment)
+        frames += found
+        skipped += [{"file": image["file"], "reason": note} for note in notes]
+    units = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(UNIT_COLUMNS))
+    return units[list(UNIT_COLUMNS)], skipped
 
 
 class _CropDataset(UnitDataset):

@@ -34,7 +34,7 @@ from reddino.data.prepare import (
     write_parquet_atomic,
     write_text_atomic,
 )
-from reddino.data.segment import build_segmenter, label_boxes
+from reddino.data.segment import LazySegmenter
 from reddino.data.sources.catalog import SourceSpec, resolve_root
 from reddino.data.sources.download import DatasetUnavailableError, fetch_source
 from reddino.data.sources.parsers import parse_source
@@ -61,54 +61,11 @@ def subsample(parsed: ParsedSource, max_images: int | None, seed: int) -> Parsed
     return ParsedSource(images.reset_index(drop=True), objects.reset_index(drop=True), parsed.skipped)
 
 
-class LazySegmenter:
-    """Builds the segmenter on first use: datasets with annotations never pay for (or need) it."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        self.cfg = cfg
-        self.segmenter: Any = None
-        self.seconds = 0.0  # time inside the segmenter, and the cells it found: cells/s in the report
-        self.cells = 0
-
-    @property
-    def name(self) -> str | None:
-        return None if self.segmenter is None else self.segmenter.name
-
-    def __call__(self, rgb: np.ndarray) -> pd.DataFrame:
-        if self.segmenter is None:
-            s = self.cfg
-            self.segmenter = build_segmenter(
-                s.backend,
-                OmegaConf.to_container(s.cellpose, resolve=True),
-                OmegaConf.to_container(s.classical, resolve=True),
-            )
-            log.info("cell segmentation backend: %s", self.segmenter.name)
-        t0 = time.perf_counter()
-        boxes = label_boxes(self.segmenter.segment(rgb))
-        self.seconds += time.perf_counter() - t0
-        self.cells += len(boxes)
-        return boxes
-
-
 def _settings(cfg: DictConfig) -> tuple[PatchSettings, CellSettings]:
-    p, c = cfg.patches, cfg.cells
-    patches = PatchSettings(
-        enabled="patch" in cfg.units,
-        size=p.size,
-        min_foreground=p.min_foreground,
-        background_percentile=p.background_percentile,
-        contrast=p.contrast,
-        target_pixel_size_um=p.target_pixel_size_um,
+    return (
+        PatchSettings.from_config(OmegaConf.to_container(cfg.patches, resolve=True), "patch" in cfg.units),
+        CellSettings.from_config(OmegaConf.to_container(cfg.cells, resolve=True), "cell" in cfg.units),
     )
-    cells = CellSettings(
-        enabled="cell" in cfg.units,
-        point_window=c.point_window,
-        box_context=c.box_context,
-        drop_labels=tuple(c.drop_labels),
-        segment=c.segment,
-        min_area=c.min_area,
-    )
-    return patches, cells
 
 
 def prepare_source(
@@ -155,7 +112,7 @@ def prepare_source(
     write_parquet_atomic(result.images, out / "manifests" / f"{spec.name}.images.parquet")
     return {
         "result": result,
-        "timing": {"parse_s": parse_s, "cut_s": cut_s, **result.seconds, "chunks": chunks},
+        "timing": {"parse_s": parse_s, "cut_s": cut_s, "chunks": chunks},
     }
 
 
@@ -202,7 +159,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(OmegaConf.to_yaml(cfg, resolve=True), out / "config.yaml")
-    segment = LazySegmenter(cfg.segmentation)
+    segment = LazySegmenter(OmegaConf.to_container(cfg.segmentation, resolve=True))
     order = list(cfg.sources)
     units, images, skipped = [], [], []
     throughput: dict[str, dict[str, float]] = {}

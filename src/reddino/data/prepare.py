@@ -12,9 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,11 @@ class PatchSettings:
     contrast: float
     target_pixel_size_um: float | None
 
+    @classmethod
+    def from_config(cls, patches: Mapping[str, Any], enabled: bool) -> PatchSettings:
+        """From ``conf/prepare.yaml``'s ``patches`` section."""
+        return cls(enabled=enabled, **patches)
+
     def side_px(self, pixel_size_um: float | None) -> int:
         """Tile side in native pixels: resampling to a common pixel size = cutting larger/smaller tiles."""
         if self.target_pixel_size_um is None or pixel_size_um is None:
@@ -62,6 +66,11 @@ class CellSettings:
     segment: str  # "unlabelled" (images with no annotations) | "always" | "never"
     min_area: int
 
+    @classmethod
+    def from_config(cls, cells: Mapping[str, Any], enabled: bool) -> CellSettings:
+        """From ``conf/prepare.yaml``'s ``cells`` section."""
+        return cls(enabled=enabled, **{**cells, "drop_labels": tuple(cells["drop_labels"])})
+
     def __post_init__(self) -> None:
         if self.segment not in ("unlabelled", "always", "never"):
             raise ValueError(f"cells.segment must be unlabelled | always | never, got {self.segment!r}")
@@ -69,12 +78,11 @@ class CellSettings:
 
 @dataclass
 class ChunkResult:
-    """Units, image rows and skipped items of one chunk, plus the seconds spent segmenting."""
+    """Units, image rows and skipped items of one chunk."""
 
     units: pd.DataFrame
     images: pd.DataFrame
     skipped: pd.DataFrame
-    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def cell_boxes(objects: pd.DataFrame, cells: CellSettings) -> np.ndarray:
@@ -170,22 +178,17 @@ def process_chunk(
     unit_frames: list[pd.DataFrame] = []
     image_rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    seconds = {"decode": 0.0, "segment": 0.0}
     for image in images.to_dict("records"):
-        t0 = time.perf_counter()
         try:
             rgb = read_rgb(image["file"])
         except BadImageError as exc:
             skipped.append({"dataset": dataset, "file": image["file"], "line": None, "reason": str(exc)})
             continue
-        seconds["decode"] += time.perf_counter() - t0
         image = {**image, "width": rgb.shape[1], "height": rgb.shape[0]}
         image_hash = perceptual_hash(rgb, hash_size)
-        t0 = time.perf_counter()
         frames, notes = units_of_image(
             rgb, image, by_file.get(image["file"], empty), patches, cells, pixel_size_um, segment
         )
-        seconds["segment"] += time.perf_counter() - t0
         skipped.extend({"dataset": dataset, "file": image["file"], "line": None, "reason": n} for n in notes)
         for frame in frames:
             unit_frames.append(frame.assign(dataset=dataset, image_hash=image_hash))
@@ -197,7 +200,6 @@ def process_chunk(
         units=units[list(MANIFEST_COLUMNS)],
         images=pd.DataFrame(image_rows, columns=list(IMAGE_INFO_COLUMNS)),
         skipped=pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)),
-        seconds=seconds,
     )
 
 
@@ -285,7 +287,6 @@ def prepare_parsed(
         skipped=_concat(
             [skipped_frame(dataset, parsed.skipped), *(r.skipped for r in results)], SKIPPED_COLUMNS
         ),
-        seconds={k: sum(r.seconds.get(k, 0.0) for r in results) for k in ("decode", "segment")},
     )
     return merged, counts
 
