@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ def extract_cls_features(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     feats, labels = [], []
     for images, targets in loader:
-        feats.append(forward_tokens(backbone, images.to(device)).cls.float().cpu())
+        feats.append(pool_tokens(backbone, images.to(device), "cls").float().cpu())
         labels.append(torch.as_tensor(targets))
     return torch.cat(feats), torch.cat(labels)
 
@@ -118,9 +119,7 @@ def save_features(path: Path, cached: CachedFeatures) -> None:
     cached.units.to_parquet(tmp / "units.parquet", index=False)
     (tmp / "meta.json").write_text(json.dumps(cached.meta, indent=2, default=str))
     if path.exists():  # another process finished first: keep its (identical) result
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+        shutil.rmtree(tmp)
         return
     os.replace(tmp, path)
 
