@@ -17,13 +17,20 @@ def _synthetic_classes() -> list[str]:
     return list(RBC_CLASSES)
 
 
+def _coalesce(*values: object) -> object:
+    return next((v for v in values if v is not None), None)
+
+
 def register_resolvers() -> None:
     """``${int_mul:a,b}``: int(a*b), e.g. total steps = epochs x epoch length (reference rounding);
-    ``${synthetic_classes:}``: the label map of the embedded synthetic data."""
+    ``${synthetic_classes:}``: the label map of the embedded synthetic data;
+    ``${coalesce:a,b}``: the first non-null value (``oc.select`` returns a null value, not its default)."""
     if not OmegaConf.has_resolver("int_mul"):
         OmegaConf.register_new_resolver("int_mul", _int_mul)
     if not OmegaConf.has_resolver("synthetic_classes"):
         OmegaConf.register_new_resolver("synthetic_classes", _synthetic_classes)
+    if not OmegaConf.has_resolver("coalesce"):
+        OmegaConf.register_new_resolver("coalesce", _coalesce)
 
 
 register_resolvers()

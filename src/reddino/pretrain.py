@@ -8,6 +8,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 import reddino.config  # noqa: F401  (registers the ${int_mul:...} resolver)
 from reddino.data.datasets import LabelledUnitDataset, eval_transform
@@ -60,9 +64,52 @@ def build_module(cfg: DictConfig, backbone: torch.nn.Module) -> DinoV2Module:
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    loggers = [
+        instantiate(c, **logger_run_id(c, Path(cfg.paths.output_dir))) for c in (cfg.logger or {}).values()
+    ]
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+
+
+def logger_run_id(logger_cfg: DictConfig, run_dir: Path) -> dict[str, str]:
+    """A W&B logger without an explicit id gets its run directory's id, so a resumed run continues it."""
+    if not str(logger_cfg.get("_target_", "")).endswith("WandbLogger") or logger_cfg.get("id") is not None:
+        return {}
+    return {"id": run_id_of(run_dir)}
+
+
+def run_id_of(run_dir: Path) -> str:
+    """The W&B run id stored in ``run_dir/wandb_run_id``, created on first use.
+
+    Created with an atomic hard link, so ranks started together (SLURM) agree on one id.
+    """
+    path = run_dir / "wandb_run_id"
+    if not path.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / f".wandb_run_id.{os.getpid()}"
+        tmp.write_text(secrets.token_hex(4) + "\n")  # W&B ids: short [a-z0-9] strings
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another rank won the race: use its id
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
+
+
+def checkpoint_to_resume(cfg: DictConfig) -> str | None:
+    """``resume=<run dir>`` continues that run from its last checkpoint; ``ckpt_path=`` names any file."""
+    if cfg.resume is None:
+        return cfg.ckpt_path
+    if cfg.ckpt_path is not None:
+        raise ValueError("give either resume=<run dir> or ckpt_path=<file>, not both")
+    last = Path(cfg.resume) / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise FileNotFoundError(
+            f"resume={cfg.resume}: no checkpoint at {last}. The run stopped before its first checkpoint "
+            "(callbacks.checkpoint.every_n_train_steps) or the path is not a pretraining run directory."
+        )
+    return str(last)
 
 
 def knn_evaluation(cfg: DictConfig, backbones: dict[str, torch.nn.Module]) -> dict[str, Any]:
@@ -98,9 +145,13 @@ def knn_evaluation(cfg: DictConfig, backbones: dict[str, torch.nn.Module]) -> di
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, export and evaluate; returns what was written to ``results.json``."""
     pl.seed_everything(cfg.seed, workers=True)
+    ckpt_path = checkpoint_to_resume(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:  # DDP children re-run this script in the same directory
+        first = not (out / "config.yaml").exists()  # a resumed run keeps the original beside its own
+        name = "config.yaml" if first else f"config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+        (out / name).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     datamodule = instantiate(
         cfg.data.loader,
@@ -115,7 +166,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     initial = copy.deepcopy(backbone)  # what training starts from: the baseline to beat
     module = build_module(cfg, backbone)
     trainer = build_trainer(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     summary: dict[str, Any] = {"steps": int(trainer.global_step)}
     if trainer.is_global_zero:

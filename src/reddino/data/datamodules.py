@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler, get_worker_info
+from torch.utils.data import DataLoader, get_worker_info
 
 from reddino.data.datasets import LabelledUnitDataset, UnitDataset
+from reddino.data.samplers import EpochSampler
 
 SOURCE_WEIGHTINGS = ("natural", "balanced")
 
@@ -44,7 +45,12 @@ def reseed_worker(worker_id: int) -> None:
 
 
 class PretrainDataModule(pl.LightningDataModule):
-    """Serves augmented multi-crop batches of units for self-supervised pretraining."""
+    """Serves augmented multi-crop batches of units for self-supervised pretraining.
+
+    The unit order comes from an ``EpochSampler`` (seeded, split over DDP ranks by itself: the trainer
+    runs with ``use_distributed_sampler: false``). On resume from a mid-epoch checkpoint the loader starts
+    after the batches the restored run had already consumed, so the order continues where it stopped.
+    """
 
     def __init__(
         self,
@@ -57,6 +63,7 @@ class PretrainDataModule(pl.LightningDataModule):
         persistent_workers: bool,
         image_cache_size: int,
         source_weighting: str,
+        seed: int,
     ) -> None:
         super().__init__()
         self.units = units
@@ -68,6 +75,7 @@ class PretrainDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.image_cache_size = image_cache_size
+        self.seed = seed
         self.dataset: UnitDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -80,17 +88,14 @@ class PretrainDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.dataset is not None, "call setup() first"
-        sampler = None
-        if (
-            self.weights is not None
-        ):  # with replacement: an epoch is len(units) draws, sources equal in expectation
-            sampler = WeightedRandomSampler(
-                self.weights.tolist(), num_samples=len(self.dataset), replacement=True
-            )
+        # an epoch is len(units) draws; with source weights they are drawn with replacement
+        sampler = EpochSampler(len(self.dataset), self.weights, self.seed)
+        if self.trainer is not None:  # restored progress (zero on a fresh run)
+            progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+            sampler.resume_at(self.trainer.current_epoch, progress.ready, self.batch_size)
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            shuffle=sampler is None,
             sampler=sampler,
             drop_last=True,
             num_workers=self.num_workers,

@@ -37,7 +37,11 @@ class ImageCache:
 
 
 class UnitDataset(Dataset):
-    """Unlabelled units for pretraining: returns ``transform(crop)`` (the multi-crop dict)."""
+    """Unlabelled units for pretraining: returns ``transform(crop)`` (the multi-crop dict).
+
+    A dict sample also carries ``unit_index`` (its row in ``units``), so a batch says which units it
+    holds: the resume test checks the data order with it, and a diverging step can be traced to inputs.
+    """
 
     def __init__(self, units: pd.DataFrame, transform: Callable[[np.ndarray], Any], cache_size: int) -> None:
         self.units = validate_units(units).reset_index(drop=True)
@@ -53,7 +57,10 @@ class UnitDataset(Dataset):
         return crop_padded(self.cache.get(self.files[index]), self.boxes[index])
 
     def __getitem__(self, index: int) -> Any:
-        return self.transform(self.crop(index))
+        sample = self.transform(self.crop(index))
+        if isinstance(sample, dict):
+            sample["unit_index"] = index
+        return sample
 
 
 def eval_transform(

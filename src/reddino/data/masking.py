@@ -156,4 +156,5 @@ class SSLCollator:
             "n_masked_patches": torch.tensor(mask_indices.numel(), dtype=torch.long),
             "upperbound": upperbound,
             "n_images": n_images,
+            "unit_indices": torch.tensor([s.get("unit_index", -1) for s in samples], dtype=torch.long),
         }

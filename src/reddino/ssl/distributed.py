@@ -20,6 +20,11 @@ def world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
+def rank() -> int:
+    """This process's rank in the default group; 0 without a process group."""
+    return dist.get_rank() if is_dist() else 0
+
+
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` in place over all ranks; returns ``t`` (unchanged without a process group)."""
     if is_dist():

@@ -1,0 +1,36 @@
+"""Run-directory helpers of reddino-pretrain: W&B run id persistence and resume resolution."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from reddino.pretrain import checkpoint_to_resume, logger_run_id, run_id_of
+
+
+def test_run_id_is_created_once_and_reused(tmp_path):
+    first = run_id_of(tmp_path / "run")
+    assert first == run_id_of(tmp_path / "run") == (tmp_path / "run" / "wandb_run_id").read_text().strip()
+    assert first != run_id_of(tmp_path / "other")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["wandb_run_id"]  # no temp file left
+
+
+def test_only_wandb_loggers_without_an_id_get_the_directory_id(tmp_path):
+    wandb = OmegaConf.create({"_target_": "pytorch_lightning.loggers.WandbLogger", "id": None})
+    assert logger_run_id(wandb, tmp_path) == {"id": run_id_of(tmp_path)}
+    assert logger_run_id(OmegaConf.merge(wandb, {"id": "mine"}), tmp_path) == {}
+    assert (
+        logger_run_id(OmegaConf.create({"_target_": "pytorch_lightning.loggers.CSVLogger"}), tmp_path) == {}
+    )
+
+
+def test_resume_resolves_last_checkpoint_or_names_what_is_missing(tmp_path):
+    cfg = OmegaConf.create({"resume": str(tmp_path), "ckpt_path": None})
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint at {tmp_path / 'checkpoints' / 'last.ckpt'}"):
+        checkpoint_to_resume(cfg)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert checkpoint_to_resume(cfg) == str(tmp_path / "checkpoints" / "last.ckpt")
+    with pytest.raises(ValueError, match="not both"):
+        checkpoint_to_resume(OmegaConf.merge(cfg, {"ckpt_path": "x.ckpt"}))
+    assert checkpoint_to_resume(OmegaConf.create({"resume": None, "ckpt_path": "x.ckpt"})) == "x.ckpt"
