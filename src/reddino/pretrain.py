@@ -27,6 +27,7 @@ from reddino.data.datasets import LabelledUnitDataset, eval_transform
 from reddino.data.masking import SSLCollator
 from reddino.eval.features import extract_cls_features
 from reddino.eval.knn_report import format_table, grouped_knn_scores
+from reddino.launch import pin_children_to_this_job
 from reddino.ssl.export import export_timm
 from reddino.ssl.module import DinoV2Module
 from reddino.weights import init_backbone_, load_backbone
@@ -168,7 +169,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    summary: dict[str, Any] = {"steps": int(trainer.global_step)}
+    summary: dict[str, Any] = {
+        "steps": int(trainer.global_step),
+        "world_size": trainer.world_size,
+        "teacher_rank_difference": module.teacher_rank_difference,
+    }
     if trainer.is_global_zero:
         model_args = {
             k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"
@@ -218,6 +223,7 @@ def _flatten_scores(results: dict[str, Any]) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pretrain")
 def main(cfg: DictConfig) -> None:
+    pin_children_to_this_job()
     run(cfg)
 
 

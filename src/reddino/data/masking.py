@@ -141,20 +141,36 @@ class SSLCollator:
         if global_crops is None:
             raise ValueError("samples must contain global crops")
         local_crops = _stack_crop_major(samples, "local_crops")
-        n_images = global_crops.shape[0]
+        n_images = global_crops.shape[0]  # crops, as in the reference (each is one masked "image")
 
         masks, upperbound = self._draw_masks(n_images)
-        mask_indices = masks.flatten().nonzero().flatten()
-        per_image_weight = 1.0 / masks.sum(-1).clamp(min=1).float()
-        masks_weight = per_image_weight.unsqueeze(-1).expand_as(masks)[masks]
-        return {
-            "global_crops": global_crops,
-            "local_crops": local_crops,
-            "masks": masks,
-            "mask_indices": mask_indices,
-            "masks_weight": masks_weight,
-            "n_masked_patches": torch.tensor(mask_indices.numel(), dtype=torch.long),
-            "upperbound": upperbound,
-            "n_images": n_images,
-            "unit_indices": torch.tensor([s.get("unit_index", -1) for s in samples], dtype=torch.long),
-        }
+        unit_indices = torch.tensor([s.get("unit_index", -1) for s in samples], dtype=torch.long)
+        return assemble_batch(global_crops, local_crops, masks, upperbound, unit_indices)
+
+
+def assemble_batch(
+    global_crops: torch.Tensor,
+    local_crops: torch.Tensor | None,
+    masks: torch.Tensor,
+    upperbound: int,
+    unit_indices: torch.Tensor,
+) -> dict[str, Any]:
+    """The training batch from crop-major global crops and their (n_crops, n_tokens) bool masks.
+
+    Separate from the collator so that a batch can be cut from given masks (the DDP equivalence test
+    splits one global batch over ranks).
+    """
+    mask_indices = masks.flatten().nonzero().flatten()
+    per_image_weight = 1.0 / masks.sum(-1).clamp(min=1).float()
+    masks_weight = per_image_weight.unsqueeze(-1).expand_as(masks)[masks]
+    return {
+        "global_crops": global_crops,
+        "local_crops": local_crops,
+        "masks": masks,
+        "mask_indices": mask_indices,
+        "masks_weight": masks_weight,
+        "n_masked_patches": torch.tensor(mask_indices.numel(), dtype=torch.long),
+        "upperbound": upperbound,
+        "n_images": global_crops.shape[0],
+        "unit_indices": unit_indices,
+    }

@@ -99,13 +99,13 @@ class MovingAverageCentering(nn.Module):
     ``update`` starts an (async) all-reduce of this batch's statistics; the centre moves only at the
     next ``softmax_center`` call, so the reduction overlaps with the rest of the training step.
 
-    The reduced vector carries a weight in its last slot so ranks always agree:
-    - CLS (``patch=False``): sum of logits and sample count, batch centre = global mean over all
-      ranks. Equals the reference's sum / (N_local * world) since DDP ranks hold equal batches.
-    - iBOT (``patch=True``): the reference reduces the per-rank mean of the masked tokens and
-      divides by world size (its ``len`` is 1 after ``unsqueeze(0)``), i.e. the mean of per-rank means.
-      Same here, with each rank weighted 1 if it has masked tokens, else 0, so a rank without masked
-      tokens cannot inject NaN. The centre is not moved if no rank has any token.
+    The reduced vector is the sum of this rank's logits plus their count in the last slot, so the
+    batch centre is the mean over every token of every rank, for CLS (``patch=False``) and iBOT masked
+    patches (``patch=True``) alike. For iBOT this deliberately departs from the reference, which averages
+    the per-rank means of the masked tokens: ranks hold different numbers of masked patches, so that
+    mean of means depends on how the batch is split, and 2 GPUs would train differently from 1 on the
+    same global batch. Both agree at world size 1 and whenever ranks hold equal counts. A rank without
+    tokens adds nothing; if no rank has any, the centre does not move.
     """
 
     def __init__(self, out_dim: int, momentum: float, patch: bool) -> None:
@@ -118,15 +118,8 @@ class MovingAverageCentering(nn.Module):
         self._handle: torch.distributed.Work | None = None
 
     def _local_statistics(self, logits: torch.Tensor) -> torch.Tensor:
-        """[K + 1] vector: contribution to the centre numerator, then its weight."""
-        n_rows = logits.shape[0]
-        if self.patch:
-            numerator = logits.mean(dim=0) if n_rows > 0 else logits.new_zeros(logits.shape[1])
-            weight = float(n_rows > 0)
-        else:
-            numerator = logits.sum(dim=0)
-            weight = float(n_rows)
-        return torch.cat((numerator, numerator.new_full((1,), weight)))
+        """[K + 1] vector: the sum of this rank's logits, then their count."""
+        return torch.cat((logits.sum(dim=0), logits.new_full((1,), float(logits.shape[0]))))
 
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ decides what runs on which tensors in which order, following the reference's los
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,12 +20,14 @@ from torch import Tensor, nn
 
 from reddino.ssl.backbone import forward_tokens, timm_state_dict
 from reddino.ssl.centering import build_centering
-from reddino.ssl.distributed import all_reduce_sum_
+from reddino.ssl.distributed import all_reduce_sum_, max_rank_difference
 from reddino.ssl.ema import ema_param_pairs, ema_update_
 from reddino.ssl.heads import DINOHead
 from reddino.ssl.losses import dino_loss_terms, ibot_patch_loss, koleo_loss
 from reddino.ssl.param_groups import apply_schedules_, build_param_groups
 from reddino.ssl.schedules import SSLSchedules, scale_lr
+
+log = logging.getLogger("reddino.ssl")
 
 
 def build_ssl_networks(backbone: VisionTransformer, head: Mapping[str, Any]) -> nn.ModuleDict:
@@ -87,6 +90,7 @@ class DinoV2Module(pl.LightningModule):
         self.schedules: SSLSchedules | None = None
         self._step_values: dict[str, float] = {}
         self._ema_pairs: tuple[list[Tensor], list[Tensor]] = ([], [])
+        self.teacher_rank_difference: float | None = None  # measured at the end of fit
 
     # ----------------------------------------------------------------------------------- set-up
     @property
@@ -234,6 +238,20 @@ class DinoV2Module(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         teacher, student = self._ema_pairs
         ema_update_(teacher, student, self._step_values["momentum"])
+
+    def on_train_end(self) -> None:
+        """Check that data parallelism kept one teacher: every rank must hold identical weights.
+
+        Logged (and written to results.json by reddino-pretrain) rather than raised: the export of a
+        long run is still worth keeping when the check fails.
+        """
+        self.teacher_rank_difference = max_rank_difference(list(self.teacher.parameters()))
+        if self.teacher_rank_difference != 0.0:
+            log.error(
+                f"teacher weights differ between the {self.trainer.world_size} ranks (fingerprint difference "
+                f"{self.teacher_rank_difference:.3g}): the EMA saw different students, i.e. gradients were "
+                "not synchronised"
+            )
 
     # ------------------------------------------------------------------------------------ export
     def teacher_backbone_state(self) -> dict[str, Tensor]:
