@@ -81,3 +81,30 @@ def test_embedded_default_pieces_instantiate(make_cfg):
         assert instantiate(c) is not None, name
     for name, c in cfg.logger.items():
         assert instantiate(c) is not None, name
+
+
+def test_ddp_trainer_instantiates_lightnings_strategy_on_cpu(make_cfg):
+    from pytorch_lightning.strategies import DDPStrategy
+
+    cfg = make_cfg("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true")
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2
+    assert trainer.strategy._ddp_kwargs == {"find_unused_parameters": False, "gradient_as_bucket_view": True}
+
+
+def test_slurm_launcher_composes_one_task_per_gpu():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(
+            "pretrain",
+            ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=8", "trainer=ddp"],
+            return_hydra_config=True,
+        )
+    GlobalHydra.instance().clear()
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8
+    assert launcher.submitit_folder == f"{cfg.hydra.sweep.dir}/.submitit/%j"

@@ -1,0 +1,204 @@
+"""``reddino-ablations-summary <sweep dir>``: one table and one figure for every job of an ablation multirun.
+
+Each job directory of the sweep (``multirun/ablations/<timestamp>/<n>``) holds the config the job ran
+with (``config.yaml``, or Hydra's ``.hydra/config.yaml`` when the job died before writing it) and, when
+it finished, ``results.json``. The variant is read from the config's ``ablation`` key (conf/ablation/).
+A job without results is reported as failed with the error ``reddino-ablations`` wrote to ``error.txt``,
+so one failed or killed job never hides the others. Writes ``summary.csv`` (one row per job, model and
+k), ``summary.md`` and ``fig2_ablation_bars.png`` (the paper's Figure 2) into the sweep directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from reddino.ablations import ERROR_FILE
+from reddino.eval.knn_report import METRICS
+from reddino.tables import markdown_table
+from reddino.viz.plots import MODEL_LABELS, ablation_bars, probe_label
+
+SUMMARY_CSV = "summary.csv"
+SUMMARY_MD = "summary.md"
+FIGURE_PNG = "fig2_ablation_bars.png"
+
+
+@dataclass
+class JobRecord:
+    """What one job directory says: its variant, whether it finished, and its k-NN scores."""
+
+    job: str
+    axis: str
+    variant: str
+    overrides: str
+    status: str  # ok | failed
+    error: str
+    steps: int | None
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The job directories of a sweep (Hydra's ``.hydra`` marks them), numeric names in job order."""
+    dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
+    return sorted(dirs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+
+
+def _job_config(job_dir: Path) -> dict[str, Any]:
+    for path in (job_dir / "config.yaml", job_dir / ".hydra" / "config.yaml"):
+        if path.is_file():
+            cfg = OmegaConf.load(path)
+            return {"ablation": OmegaConf.to_container(cfg.get("ablation") or {}, resolve=False)}
+    return {"ablation": {}}
+
+
+def _overrides(job_dir: Path) -> list[str]:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
+def _failure(job_dir: Path) -> str:
+    """The exception line of ``error.txt``, else what the job log last said."""
+    error = job_dir / ERROR_FILE
+    if error.is_file():
+        lines = [line for line in error.read_text().splitlines() if line.strip()]
+        return lines[-1].strip() if lines else "empty error.txt"
+    logs = sorted(job_dir.glob("*.log"))
+    tail = [line for log in logs for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    last = f"; last log line: {tail[-1].strip()}" if tail else ""
+    return f"no results.json and no {ERROR_FILE} (killed, or still running){last}"
+
+
+def read_job(job_dir: Path) -> JobRecord:
+    ablation = _job_config(job_dir)["ablation"]
+    overrides = _overrides(job_dir)
+    results_path = job_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    ok = bool(results.get("results"))
+    return JobRecord(
+        job=job_dir.name,
+        axis=str(ablation.get("axis", "-")),
+        variant=str(ablation.get("variant", " ".join(overrides) or job_dir.name)),
+        overrides=" ".join(overrides),
+        status="ok" if ok else "failed",
+        error="" if ok else _failure(job_dir),
+        steps=results.get("steps"),
+        results=results.get("results", {}),
+    )
+
+
+def collect(sweep_dir: str | Path) -> pd.DataFrame:
+    """One row per (job, model, k) with every metric's mean and std (fractions); a failed job is one row
+    with its error and no scores."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"{sweep_dir}: no such sweep directory")
+    records = [read_job(d) for d in job_dirs(sweep_dir)]
+    if not records:
+        raise FileNotFoundError(f"{sweep_dir}: no job directories (subfolders with .hydra/)")
+    rows = []
+    for r in records:
+        base = {k: getattr(r, k) for k in ("job", "axis", "variant", "status", "error", "steps", "overrides")}
+        if r.status != "ok":
+            rows.append({**base, "model": None, "knn": None})
+            continue
+        for model, by_k in r.results.items():
+            for k, scores in by_k.items():
+                row = {**base, "model": model, "knn": k}
+                for m in METRICS:
+                    row[f"{m}_mean"], row[f"{m}_std"] = scores[m]["mean"], scores[m]["std"]
+                rows.append(row)
+    return pd.DataFrame(rows, columns=_columns())
+
+
+def _columns() -> list[str]:
+    keys = ["job", "axis", "variant", "status", "error", "steps", "overrides", "model", "knn"]
+    return keys + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+
+
+def _cell(mean: float, std: float) -> str:
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def wide_table(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per job: ``metric`` as mean ± std (%) per model and k, the teacher's change from the
+    baseline job (percentage points), and the job's status (with its error when it failed)."""
+    scored = frame[frame["status"] == "ok"]
+    baseline = scored[scored["axis"] == "baseline"].set_index(["model", "knn"])
+    score_cols: dict[str, None] = {}
+    delta_cols: dict[str, None] = {}
+    rows = []
+    for job, g in frame.groupby("job", sort=False):
+        first = g.iloc[0]
+        steps = "" if pd.isna(first["steps"]) else str(int(first["steps"]))
+        row = {"job": job, "axis": first["axis"], "variant": first["variant"], "steps": steps}
+        for s in g[g["status"] == "ok"].itertuples(index=False):
+            mean = getattr(s, f"{metric}_mean")
+            label = f"{MODEL_LABELS.get(s.model, s.model)} {probe_label(s.knn)}"
+            row[label] = _cell(mean, getattr(s, f"{metric}_std"))
+            score_cols[label] = None
+            if s.model == "pretrained_teacher" and (s.model, s.knn) in baseline.index:
+                if first["axis"] != "baseline":
+                    base = baseline.at[(s.model, s.knn), f"{metric}_mean"]
+                    row[f"Δ {label}"] = f"{100 * (mean - base):+.1f}"
+                delta_cols[f"Δ {label}"] = None
+        row["status"] = "ok" if first["status"] == "ok" else f"FAILED: {first['error']}"
+        rows.append(row)
+    columns = ["job", "axis", "variant", "steps", *score_cols, *delta_cols, "status"]
+    return pd.DataFrame(rows, columns=columns).astype(object).fillna("")
+
+
+def summary_markdown(frame: pd.DataFrame, metric: str, sweep_dir: Path) -> str:
+    failed = frame[frame["status"] != "ok"]
+    lines = [
+        f"# Ablation summary: {sweep_dir}",
+        "",
+        f"{metric} in % (mean ± std over folds) of the end-of-run k-NN report; Δ = teacher minus the "
+        "baseline job's teacher, in points.",
+        "",
+        markdown_table(wide_table(frame, metric)),
+        "",
+    ]
+    if len(failed):
+        lines += [f"**{len(failed)} failed job(s):**", ""]
+        lines += [f"- job {r.job} ({r.variant}): {r.error}" for r in failed.itertuples(index=False)]
+    else:
+        lines.append("All jobs finished.")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(sweep_dir: str | Path, out_dir: str | Path | None, metric: str) -> pd.DataFrame:
+    """Write summary.csv, summary.md and the Figure 2 PNG (into ``out_dir``, default the sweep dir)."""
+    sweep_dir = Path(sweep_dir)
+    out = Path(out_dir) if out_dir is not None else sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    frame = collect(sweep_dir)
+    frame.to_csv(out / SUMMARY_CSV, index=False)
+    (out / SUMMARY_MD).write_text(summary_markdown(frame, metric, sweep_dir))
+    fig = ablation_bars(frame, metric)
+    fig.savefig(out / FIGURE_PNG, dpi=150)
+    return frame
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reddino-ablations-summary", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun directory, e.g. multirun/ablations/<time>")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the sweep dir)")
+    parser.add_argument("--metric", default="weighted_f1", choices=METRICS, help="the metric of Figure 2")
+    args = parser.parse_args(argv)
+    frame = write_summary(args.sweep_dir, args.out, args.metric)
+    out = args.out or args.sweep_dir
+    print((out / SUMMARY_MD).read_text())
+    print(f"wrote {out / SUMMARY_CSV}, {out / SUMMARY_MD}, {out / FIGURE_PNG}")
+    n_failed = int((frame.drop_duplicates("job")["status"] != "ok").sum())
+    return 1 if n_failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

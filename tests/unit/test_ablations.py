@@ -1,0 +1,198 @@
+"""The ablation grid: every variant differs from its base along its own axis only, and the summary reads
+every job directory of a sweep, failed and killed ones included."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from matplotlib.container import BarContainer
+from omegaconf import OmegaConf
+
+from reddino.ablations import ERROR_FILE
+from reddino.ablations.summary import FIGURE_PNG, SUMMARY_CSV, SUMMARY_MD, collect, main, write_summary
+from reddino.viz.plots import ablation_bars
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+VARIANTS = sorted(p.stem for p in (CONF / "ablation").glob("*.yaml"))
+# the config keys each axis may change; anything else changing is a confounded ablation
+AXIS_KEYS = {
+    "baseline": (),
+    "koleo": ("ssl.loss.koleo_weight",),
+    "centering": ("ssl.centering.method",),
+    "units": ("data.pretrain_units.unit",),
+    "local_crops": ("ssl.crops.n_local",),
+    "augment": ("augment.",),
+    "backbone": ("model.",),
+}
+
+
+def _flat(node: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        out: dict[str, object] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _changed(base, variant) -> set[str]:
+    a = _flat(OmegaConf.to_container(base, resolve=False))
+    b = _flat(OmegaConf.to_container(variant, resolve=False))
+    return {k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>")} - {
+        "ablation.axis",
+        "ablation.variant",
+        "ablation",
+    }
+
+
+@pytest.fixture(scope="module")
+def compose():
+    """Compose ``pretrain`` with overrides, one Hydra initialisation for the module (no resolution)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        yield lambda *overrides, hydra=False: hydra_compose(
+            "pretrain", overrides=list(overrides), return_hydra_config=hydra
+        )
+    GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize("base", ["embedded", "ablations_reddino_s"])
+def test_every_variant_differs_from_its_base_along_its_axis_only(compose, base):
+    reference = compose(f"experiment={base}")
+    for variant in VARIANTS:
+        cfg = compose(f"experiment={base}", f"ablation={variant}")
+        axis = cfg.ablation.axis
+        assert axis in AXIS_KEYS and cfg.ablation.variant, f"{variant}: axis {axis!r}"
+        changed = _changed(reference, cfg)
+        stray = {k for k in changed if not any(k.startswith(p) for p in AXIS_KEYS[axis])}
+        assert not stray, f"{variant} on {base} also changes {sorted(stray)}"
+
+
+@pytest.mark.parametrize("grid", ["ablations", "ablations_reddino_s"])
+def test_grid_sweeps_one_variant_per_axis_each_changing_something(compose, grid):
+    names = compose(f"experiment={grid}", hydra=True).hydra.sweeper.params.ablation.split(",")
+    assert set(names) <= set(VARIANTS)
+    reference = compose(f"experiment={grid}")
+    axes = []
+    for name in names:
+        cfg = compose(f"experiment={grid}", f"ablation={name}")
+        axes.append(cfg.ablation.axis)
+        if cfg.ablation.axis != "baseline":
+            assert _changed(reference, cfg), f"{name} is a no-op on {grid}"
+    assert sorted(axes) == sorted(AXIS_KEYS), "one job per axis of the paper, plus the baseline"
+
+
+def test_embedded_grid_is_the_embedded_default_made_shorter(compose):
+    embedded, grid = compose("experiment=embedded"), compose("experiment=ablations")
+    assert {k.split(".")[0] for k in _changed(embedded, grid)} <= {"ssl", "report", "logger"}
+    assert grid.ssl.optim.epochs < embedded.ssl.optim.epochs
+
+
+def _scores(mean: float) -> dict[str, dict[str, object]]:
+    return {
+        m: {"mean": mean, "std": 0.01, "folds": [mean] * 5}
+        for m in ("accuracy", "balanced_accuracy", "weighted_f1", "macro_f1")
+    }
+
+
+def _job(sweep: Path, num: int, axis: str, variant: str, teacher: float | None) -> Path:
+    """A job directory as reddino-ablations leaves it; ``teacher=None``: no results.json."""
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(f"- ablation={variant.replace(' ', '_')}\n")
+    (job / "config.yaml").write_text(OmegaConf.to_yaml({"ablation": {"axis": axis, "variant": variant}}))
+    if teacher is not None:
+        results = {
+            "pretrained_teacher": {"k=1": _scores(teacher), "k=20": _scores(teacher + 0.02)},
+            "random_init": {"k=1": _scores(0.30), "k=20": _scores(0.31)},
+        }
+        (job / "results.json").write_text(json.dumps({"steps": 100, "results": results}))
+    return job
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    sweep = tmp_path / "multirun"
+    _job(sweep, 0, "baseline", "baseline", 0.35)
+    _job(sweep, 1, "koleo", "KoLeo 0.1", 0.40)
+    failed = _job(sweep, 2, "centering", "moving-average centering", None)
+    (failed / ERROR_FILE).write_text(
+        "Traceback (most recent call last):\n  ...\nFloatingPointError: ['ibot'] diverged\n"
+    )
+    killed = _job(sweep, 10, "units", "patches", None)  # killed by the scheduler: no error.txt
+    (killed / "job.log").write_text("[INFO] step 40\n[INFO] step 41\n\n")
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")  # a file, not a job
+    return sweep
+
+
+def test_summary_reports_every_job_with_failures_and_their_errors(sweep):
+    frame = collect(sweep)
+    jobs = frame.drop_duplicates("job").set_index("job")
+    assert list(jobs.index) == ["0", "1", "2", "10"]  # numeric job order, not "10" < "2"
+    assert list(jobs["status"]) == ["ok", "ok", "failed", "failed"]
+    assert jobs.at["2", "error"] == "FloatingPointError: ['ibot'] diverged"
+    assert "killed" in jobs.at["10", "error"] and "step 41" in jobs.at["10", "error"]
+    scored = frame[frame["status"] == "ok"]
+    assert len(scored) == 2 * 2 * 2  # 2 jobs x 2 models x 2 k
+    row = scored[
+        (scored["job"] == "1") & (scored["model"] == "pretrained_teacher") & (scored["knn"] == "k=20")
+    ]
+    assert row["weighted_f1_mean"].item() == pytest.approx(0.42)
+
+
+def test_summary_files_and_exit_status(sweep, tmp_path, capsys):
+    out = tmp_path / "summary"
+    assert main([str(sweep), "--out", str(out)]) == 1  # failed jobs: non-zero, after writing everything
+    for name in (SUMMARY_CSV, SUMMARY_MD, FIGURE_PNG):
+        assert (out / name).is_file(), name
+    md = (out / SUMMARY_MD).read_text()
+    header = (
+        "| job | axis | variant | steps | teacher 1-NN | teacher 20-NN | random init 1-NN | random init 20-NN"
+    )
+    assert md.count(header) == 1
+    scores = "40.0 ± 1.0 | 42.0 ± 1.0 | 30.0 ± 1.0 | 31.0 ± 1.0"
+    assert f"| 1 | koleo | KoLeo 0.1 | 100 | {scores} | +5.0 | +5.0 | ok |" in md
+    assert "2 failed job(s)" in md and "job 2 (moving-average centering): FloatingPointError" in md
+    assert "FAILED" in capsys.readouterr().out
+    csv = pd.read_csv(out / SUMMARY_CSV)
+    assert set(csv["status"]) == {"ok", "failed"} and len(csv) == 8 + 2
+
+    for failed in ("2", "10"):  # once the failed jobs are gone, the sweep is clean
+        for p in sorted((sweep / failed).rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+        (sweep / failed).rmdir()
+    assert main([str(sweep)]) == 0
+    assert "All jobs finished." in (sweep / SUMMARY_MD).read_text()
+
+
+def test_ablation_bars_keep_a_slot_for_failed_variants(sweep):
+    frame = write_summary(sweep, None, "weighted_f1")
+    fig = ablation_bars(frame, "weighted_f1")
+    one_nn, twenty_nn = fig.axes
+    assert one_nn.get_title() == "1-NN" and twenty_nn.get_title() == "20-NN"
+    assert [t.get_text() for t in one_nn.get_xticklabels()] == [
+        "baseline",
+        "KoLeo 0.1",
+        "moving-average centering",
+        "patches",
+    ]
+    teacher, random_init = [c for c in one_nn.containers if isinstance(c, BarContainer)]
+    heights = [bar.get_height() for bar in teacher]
+    assert heights[:2] == pytest.approx([35.0, 40.0]) and all(h != h for h in heights[2:])  # NaN: no bar
+    assert [bar.get_height() for bar in random_init][:2] == pytest.approx([30.0, 30.0])
+    assert sum(t.get_text() == "failed" for t in one_nn.texts) == 2
+    (baseline,) = [line for line in one_nn.get_lines() if line.get_label() == "baseline teacher"]
+    assert baseline.get_ydata()[0] == pytest.approx(35.0)
+
+
+def test_collect_rejects_a_directory_without_jobs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no job directories"):
+        collect(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such sweep"):
+        collect(tmp_path / "missing")
