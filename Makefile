@@ -13,6 +13,9 @@ UV_VERSION := 0.13.9
 ARGS ?=
 TEST_ARGS ?=
 export REDDINO_DATA_ROOT ?= $(abspath ../shared/datasets)
+NOW := $(shell date +%Y-%m-%d_%H-%M-%S)
+ABLATIONS_DIR ?= multirun/ablations/$(NOW)
+FIGURES_DIR ?= figures
 
 .DEFAULT_GOAL := help
 
@@ -41,6 +44,13 @@ prepare: $(STAMP) ## real datasets under REDDINO_DATA_ROOT -> patches, cells, ma
 eval: $(STAMP) ## linear probe + k-NN + batch effects of a backbone vs baselines; ARGS="weights=<export dir> data=real eval=kfold"
 	$(BIN)/reddino-eval $(ARGS)
 
+ablations: $(STAMP) ## the paper's ablation grid as one multirun, then summary.csv/.md + Figure 2 in ABLATIONS_DIR; ARGS="experiment=ablations_reddino_s"
+	$(BIN)/reddino-ablations --multirun experiment=ablations hydra.sweep.dir=$(ABLATIONS_DIR) $(ARGS); \
+	status=$$?; $(BIN)/reddino-ablations-summary $(ABLATIONS_DIR) && exit $$status
+
+figures: $(STAMP) ## execute notebooks/*.ipynb (newest runs, or REDDINO_RUN_DIR / REDDINO_ABLATIONS_DIR) -> PNGs in FIGURES_DIR
+	REDDINO_FIGURES_DIR=$(FIGURES_DIR) $(BIN)/python -m reddino.viz.execute notebooks/*.ipynb
+
 test: $(STAMP) ## run the test suite (what .ci/run calls)
 	$(BIN)/python -m pytest $(TEST_ARGS)
 
@@ -55,4 +65,4 @@ format: $(STAMP) ## ruff autofix and format
 clean: ## remove caches and run outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache outputs multirun
 
-.PHONY: help install lock eval prepare pretrain test lint format clean
+.PHONY: help install lock eval prepare pretrain ablations figures test lint format clean
