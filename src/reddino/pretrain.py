@@ -27,6 +27,7 @@ from reddino.data.datasets import LabelledUnitDataset, eval_transform
 from reddino.data.masking import SSLCollator
 from reddino.eval.features import extract_cls_features
 from reddino.eval.knn_report import format_table, grouped_knn_scores
+from reddino.fast_path import FastPath, apply_global_switches, compile_blocks_, set_fused_attention_
 from reddino.launch import pin_children_to_this_job
 from reddino.ssl.export import export_timm
 from reddino.ssl.module import DinoV2Module
@@ -50,8 +51,10 @@ def build_collator(cfg: DictConfig) -> SSLCollator:
     )
 
 
-def build_module(cfg: DictConfig, backbone: torch.nn.Module) -> DinoV2Module:
+def build_module(cfg: DictConfig, backbone: torch.nn.Module, fast: FastPath | None = None) -> DinoV2Module:
+    """The LightningModule; ``fast`` (default: the plain path) decides fused AdamW and the teacher's mode."""
     s = cfg.ssl
+    fast = fast or FastPath.from_config({**cfg.fast_path, "enabled": False}, "cpu")
     return DinoV2Module(
         backbone,
         head=OmegaConf.to_container(s.head, resolve=True),
@@ -60,7 +63,8 @@ def build_module(cfg: DictConfig, backbone: torch.nn.Module) -> DinoV2Module:
         teacher=OmegaConf.to_container(s.teacher, resolve=True),
         optim=OmegaConf.to_container(s.optim, resolve=True),
         n_local_crops=s.crops.n_local,
-        fused_optimizer=cfg.fused_adamw,
+        fused_optimizer=fast.fused_adamw,
+        teacher_inference_mode=fast.teacher_inference_mode,
     )
 
 
@@ -154,18 +158,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         name = "config.yaml" if first else f"config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
         (out / name).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
+    fast = FastPath.from_config(cfg.fast_path, cfg.trainer.accelerator)
+    apply_global_switches(fast)
+    log.info("fast path: %s", fast)
     datamodule = instantiate(
         cfg.data.loader,
         units=instantiate(cfg.data.pretrain_units),
         transform=instantiate(cfg.augment),
         collate_fn=build_collator(cfg),
+        pin_memory=cfg.data.loader.pin_memory or fast.pin_memory,
     )
     backbone = instantiate(cfg.model)
     if cfg.init is not None:  # continued pretraining: student and teacher start from these weights
         init_backbone_(backbone, load_backbone(cfg.init, cfg.init_model_args))
         log.info("backbone initialised from %s (heads start fresh)", cfg.init)
     initial = copy.deepcopy(backbone)  # what training starts from: the baseline to beat
-    module = build_module(cfg, backbone)
+    module = build_module(cfg, backbone, fast)
+    if fast.fused_attention:
+        set_fused_attention_(module, True)
+    if fast.compile_blocks:
+        for nets in (module.student, module.teacher):
+            compile_blocks_(nets["backbone"])
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 

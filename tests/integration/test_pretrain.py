@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -119,3 +120,17 @@ def test_continued_pretraining_from_a_dinov2_hub_file(make_cfg, tmp_path):
 
     with pytest.raises(ValueError, match="do not fit"):  # patch 8 cannot take patch-14 weights
         run(make_cfg(*common))
+
+
+@pytest.mark.slow
+def test_fast_path_forced_on_cpu_trains_and_exports_plain_names(make_cfg, tmp_path):
+    """Compiled blocks, fused kernels and the inference-mode teacher through a real (short) run."""
+    cfg = make_cfg("debug=fast", "fast_path.enabled=true", "report.enabled=false")
+    summary = run(cfg)
+    assert summary["steps"] == cfg.ssl.optim.total_steps
+    state = load_file(str(tmp_path / "run" / "export" / "model.safetensors"))
+    assert not any("_orig_mod" in k for k in state)
+    metrics = pd.read_csv(tmp_path / "run" / "csv" / "metrics.csv")
+    assert metrics["train/loss"].dropna().map(math.isfinite).all()
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert not any("_orig_mod" in k for k in ckpt["state_dict"])

@@ -68,6 +68,7 @@ class DinoV2Module(pl.LightningModule):
         optim: Mapping[str, Any],
         n_local_crops: int,
         fused_optimizer: bool,
+        teacher_inference_mode: bool,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -79,6 +80,7 @@ class DinoV2Module(pl.LightningModule):
         self.optim_cfg = dict(optim)
         self.n_local_crops = int(n_local_crops)
         self.fused_optimizer = fused_optimizer
+        self.teacher_inference_mode = teacher_inference_mode
         method, iters, mom = (
             centering["method"],
             centering["sinkhorn_iterations"],
@@ -153,9 +155,17 @@ class DinoV2Module(pl.LightningModule):
     def ibot_head(self, nets: nn.ModuleDict) -> nn.Module:
         return nets["ibot_head"] if "ibot_head" in nets else nets["dino_head"]
 
-    @torch.no_grad()
     def teacher_targets(self, batch: Mapping[str, Any], teacher_temp: float) -> tuple[Tensor, Tensor]:
         """Teacher CLS and masked-patch target distributions on the unmasked global crops."""
+        if not self.teacher_inference_mode:
+            with torch.no_grad():
+                return self._teacher_targets(batch, teacher_temp)
+        with torch.inference_mode():
+            cls_probs, patch_probs = self._teacher_targets(batch, teacher_temp)
+        # inference tensors cannot be saved for the student's backward: one cheap copy of the targets
+        return cls_probs.clone(), patch_probs.clone()
+
+    def _teacher_targets(self, batch: Mapping[str, Any], teacher_temp: float) -> tuple[Tensor, Tensor]:
         self.teacher.eval()
         out = forward_tokens(self.teacher["backbone"], batch["global_crops"])
         cls_logits = self.teacher["dino_head"](out.cls).float()
