@@ -23,6 +23,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 import reddino.config  # noqa: F401  (registers the ${int_mul:...} resolver)
+from reddino.data.datamodules import PretrainDataModule
 from reddino.data.datasets import LabelledUnitDataset, eval_transform
 from reddino.data.masking import SSLCollator
 from reddino.eval.features import extract_cls_features
@@ -66,6 +67,32 @@ def build_module(cfg: DictConfig, backbone: torch.nn.Module, fast: FastPath | No
         fused_optimizer=fast.fused_adamw,
         teacher_inference_mode=fast.teacher_inference_mode,
     )
+
+
+def build_training(cfg: DictConfig) -> tuple[PretrainDataModule, DinoV2Module, torch.nn.Module]:
+    """Datamodule, LightningModule (fast path applied) and a copy of the backbone as training starts."""
+    fast = FastPath.from_config(cfg.fast_path, cfg.trainer.accelerator)
+    apply_global_switches(fast)
+    log.info("fast path: %s", fast)
+    datamodule = instantiate(
+        cfg.data.loader,
+        units=instantiate(cfg.data.pretrain_units),
+        transform=instantiate(cfg.augment),
+        collate_fn=build_collator(cfg),
+        pin_memory=cfg.data.loader.pin_memory or fast.pin_memory,
+    )
+    backbone = instantiate(cfg.model)
+    if cfg.init is not None:  # continued pretraining: student and teacher start from these weights
+        init_backbone_(backbone, load_backbone(cfg.init, cfg.init_model_args))
+        log.info("backbone initialised from %s (heads start fresh)", cfg.init)
+    initial = copy.deepcopy(backbone)  # what training starts from: the baseline to beat
+    module = build_module(cfg, backbone, fast)
+    if fast.fused_attention:
+        set_fused_attention_(module, True)
+    if fast.compile_blocks:
+        for nets in (module.student, module.teacher):
+            compile_blocks_(nets["backbone"])
+    return datamodule, module, initial
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
@@ -158,27 +185,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         name = "config.yaml" if first else f"config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
         (out / name).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    fast = FastPath.from_config(cfg.fast_path, cfg.trainer.accelerator)
-    apply_global_switches(fast)
-    log.info("fast path: %s", fast)
-    datamodule = instantiate(
-        cfg.data.loader,
-        units=instantiate(cfg.data.pretrain_units),
-        transform=instantiate(cfg.augment),
-        collate_fn=build_collator(cfg),
-        pin_memory=cfg.data.loader.pin_memory or fast.pin_memory,
-    )
-    backbone = instantiate(cfg.model)
-    if cfg.init is not None:  # continued pretraining: student and teacher start from these weights
-        init_backbone_(backbone, load_backbone(cfg.init, cfg.init_model_args))
-        log.info("backbone initialised from %s (heads start fresh)", cfg.init)
-    initial = copy.deepcopy(backbone)  # what training starts from: the baseline to beat
-    module = build_module(cfg, backbone, fast)
-    if fast.fused_attention:
-        set_fused_attention_(module, True)
-    if fast.compile_blocks:
-        for nets in (module.student, module.teacher):
-            compile_blocks_(nets["backbone"])
+    datamodule, module, initial = build_training(cfg)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 

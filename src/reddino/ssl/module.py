@@ -177,11 +177,19 @@ class DinoV2Module(pl.LightningModule):
         return cls_probs, patch_probs
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        step = self.global_step
-        temp = self._step_values["teacher_temp"]
-        student_temp = self.loss_cfg["student_temp"]
-        cls_probs, patch_probs = self.teacher_targets(batch, temp)
+        cls_probs, patch_probs = self.teacher_targets(batch, self._step_values["teacher_temp"])
+        terms, total, student_cls = self.student_losses(batch, cls_probs, patch_probs)
+        self.log_step(terms, total, cls_probs, student_cls, batch_size=batch["global_crops"].shape[0] // 2)
+        return total
 
+    def student_losses(
+        self, batch: Mapping[str, Any], cls_probs: Tensor, patch_probs: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Student forward (masked global crops, local crops if any) and the weighted loss terms.
+
+        Returns the terms, their weighted total and the student's global-crop CLS tokens (for monitoring).
+        """
+        student_temp = self.loss_cfg["student_temp"]
         out = forward_tokens(self.student["backbone"], batch["global_crops"], batch["masks"])
         cls_logits = self.student["dino_head"](out.cls)
         patch_logits = self.ibot_head(self.student)(out.patches.flatten(0, 1)[batch["mask_indices"]])
@@ -200,10 +208,13 @@ class DinoV2Module(pl.LightningModule):
             terms["koleo"] = sum(koleo_loss(c, self.loss_cfg["koleo_eps"]) for c in chunks)
             weights["koleo"] = "koleo_weight"
         total = sum(self.loss_cfg[weights[k]] * v for k, v in terms.items())
-        assert_finite({**terms, "total": total}, step)
+        assert_finite({**terms, "total": total}, self.global_step)
+        return terms, total, out.cls
 
-        self.log_step(terms, total, cls_probs, out.cls, batch_size=batch["global_crops"].shape[0] // 2)
-        return total
+    def ema_step(self) -> None:
+        """teacher <- m * teacher + (1 - m) * student with this step's momentum."""
+        teacher, student = self._ema_pairs
+        ema_update_(teacher, student, self._step_values["momentum"])
 
     def log_step(
         self, terms: dict[str, Tensor], total: Tensor, probs: Tensor, cls: Tensor, batch_size: int
@@ -246,8 +257,7 @@ class DinoV2Module(pl.LightningModule):
         its student; and with gradient accumulation the teacher must move once per optimiser step.
         """
         super().optimizer_step(*args, **kwargs)
-        teacher, student = self._ema_pairs
-        ema_update_(teacher, student, self._step_values["momentum"])
+        self.ema_step()
 
     def on_train_end(self) -> None:
         """Check that data parallelism kept one teacher: every rank must hold identical weights.

@@ -1,0 +1,96 @@
+"""Pretraining step time split into data / teacher forward / student forward+loss / backward /
+optimiser / EMA, for any recipe (tiny CPU model by default; a GPU run gives the real figures).
+
+The pieces are the LightningModule's own (``teacher_targets``, ``student_losses``, ``ema_step``) and the
+fast path is applied exactly as ``reddino-pretrain`` applies it; CUDA is synchronised around each piece.
+
+    .venv/bin/python benchmarks/step_time.py                                   # embedded default, CPU
+    .venv/bin/python benchmarks/step_time.py --device cuda experiment=reddino_s trainer=gpu
+Trailing arguments are Hydra overrides of conf/pretrain.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from datetime import date
+
+import torch
+
+from benchmarks.common import pretrain_config
+from reddino.pretrain import build_training
+
+PIECES = ("data", "teacher_forward", "student_forward_loss", "backward", "optimizer", "ema")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/pretrain.yaml")
+    args = parser.parse_args()
+    cfg = pretrain_config(args.overrides)
+    device = torch.device(args.device)
+    bf16 = device.type == "cuda" and "bf16" in str(cfg.trainer.precision)
+
+    datamodule, module, _ = build_training(cfg)
+    datamodule.setup("fit")
+    module.to(device)
+    module.schedules = module.build_schedules(datamodule.batch_size)
+    optimizer = module.configure_optimizers()
+    module.on_train_start()
+    loader = iter(datamodule.train_dataloader())
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times: dict[str, list[float]] = defaultdict(list)
+    for step in range(args.warmup + args.steps):
+        record = step >= args.warmup
+        marks = [time.perf_counter()]
+
+        def mark(marks=marks) -> None:
+            sync()
+            marks.append(time.perf_counter())
+
+        batch = next(loader)
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        mark()
+        module._step_values = module.schedules.values(step)
+        with torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext():
+            cls_probs, patch_probs = module.teacher_targets(batch, module._step_values["teacher_temp"])
+            mark()
+            _, total, _ = module.student_losses(batch, cls_probs, patch_probs)
+            mark()
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        mark()
+        module.configure_gradient_clipping(optimizer)
+        optimizer.step()
+        mark()
+        module.ema_step()
+        mark()
+        if record:
+            for name, start, end in zip(PIECES, marks[:-1], marks[1:], strict=True):
+                times[name].append(end - start)
+
+    images = datamodule.batch_size
+    step_ms = 1000 * sum(sum(v) for v in times.values()) / args.steps
+    print(f"# step time, {device} ({platform.processor() or platform.machine()}), {date.today()}")
+    print(f"overrides: {args.overrides}; batch {images} units x {cfg.ssl.crops.n_global} global crops")
+    print(f"threads {torch.get_num_threads()}, loader workers {cfg.data.loader.num_workers}")
+    for name in PIECES:
+        ms = 1000 * sum(times[name]) / args.steps
+        print(f"  {name:22s} {ms:9.1f} ms  {100 * ms / step_ms:5.1f} %")
+    print(f"  {'total':22s} {step_ms:9.1f} ms  ({1000 * images / step_ms:.1f} units/s)")
+
+
+if __name__ == "__main__":
+    main()

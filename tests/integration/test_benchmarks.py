@@ -1,0 +1,40 @@
+"""The training benchmark scripts run end to end at tiny sizes (so one GPU command gives real figures)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["debug=fast", "ssl.crops.global_size=32", "ssl.crops.local_size=16"]
+
+
+def run_script(module: str, *args: str, cache: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "REDDINO_CACHE_DIR": str(cache)}
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_step_time_prints_every_piece(tmp_path):
+    out = run_script("benchmarks.step_time", "--steps", "2", "--warmup", "1", *TINY, cache=tmp_path)
+    for piece in ("data", "teacher_forward", "student_forward_loss", "backward", "optimizer", "ema", "total"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(piece))
+        assert float(line.split()[1]) >= 0.0, line
+    assert "units/s" in out
+
+
+def test_augment_throughput_covers_both_pipelines_and_every_pixel_transform(tmp_path):
+    out = run_script("benchmarks.augment_throughput", "--units", "4", "--repeats", "1", *TINY, cache=tmp_path)
+    rates = [line for line in out.splitlines() if "views/s per core" in line]
+    assert [r.split()[0] for r in rates] == ["reddino", "dinov2"]
+    assert all(float(r.split(":")[-1].split()[0]) > 0 for r in rates)
+    per_transform = [line for line in out.splitlines() if "ms per 32px crop" in line]
+    assert len(per_transform) >= 30 and any("CLAHE" in line for line in per_transform)
