@@ -211,26 +211,12 @@ def batch_effects(feats: CachedFeatures, cfg: DictConfig, scale: bool) -> dict[s
 def umap_figure(
     feats: CachedFeatures, column: str, title: str, path: Path, max_points: int, seed: int
 ) -> Path:
-    """2-D UMAP of the features coloured by a units column, saved as PNG."""
-    import matplotlib
+    """2-D UMAP of the features coloured by a units column, saved as PNG (``reddino.viz.umap``)."""
+    from reddino.viz.umap import umap_embedding, umap_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import umap
-
-    rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(len(feats.features), size=min(max_points, len(feats.features)), replace=False))
-    xy = umap.UMAP(random_state=seed, n_jobs=1).fit_transform(feats.features[idx])
-    values = feats.units[column].astype(str).to_numpy()[idx]
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for value in sorted(set(values)):
-        sel = values == value
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=3, label=value)
-    ax.set_title(title)
-    ax.legend(markerscale=4, fontsize=6, loc="best")
-    fig.tight_layout()
+    xy, idx = umap_embedding(feats.features, max_points, seed)
+    fig = umap_panels(xy, {column: feats.units[column].astype(str).to_numpy()[idx]}, title)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -123,7 +123,8 @@ def sweep(tmp_path: Path) -> Path:
     _job(sweep, 1, "koleo", "KoLeo 0.1", 0.40)
     failed = _job(sweep, 2, "centering", "moving-average centering", None)
     (failed / ERROR_FILE).write_text(
-        "Traceback (most recent call last):\n  ...\nFloatingPointError: ['ibot'] diverged\n"
+        "Traceback (most recent call last):\n  File x, line 1\n    run()\n"
+        "FloatingPointError: ['ibot'] diverged\nfull_key: ssl\n\n"  # a message on two lines
     )
     killed = _job(sweep, 10, "units", "patches", None)  # killed by the scheduler: no error.txt
     (killed / "job.log").write_text("[INFO] step 40\n[INFO] step 41\n\n")
@@ -136,7 +137,7 @@ def test_summary_reports_every_job_with_failures_and_their_errors(sweep):
     jobs = frame.drop_duplicates("job").set_index("job")
     assert list(jobs.index) == ["0", "1", "2", "10"]  # numeric job order, not "10" < "2"
     assert list(jobs["status"]) == ["ok", "ok", "failed", "failed"]
-    assert jobs.at["2", "error"] == "FloatingPointError: ['ibot'] diverged"
+    assert jobs.at["2", "error"] == "FloatingPointError: ['ibot'] diverged full_key: ssl"
     assert "killed" in jobs.at["10", "error"] and "step 41" in jobs.at["10", "error"]
     scored = frame[frame["status"] == "ok"]
     assert len(scored) == 2 * 2 * 2  # 2 jobs x 2 models x 2 k

@@ -15,6 +15,7 @@ from reddino.viz.pca import (
     patch_tokens,
     pca_figure,
     principal_components,
+    unit_range,
 )
 from reddino.viz.plots import flat_columns, results_table, table_figure
 from reddino.viz.umap import umap_panels
@@ -68,6 +69,15 @@ def test_principal_components_orders_by_variance():
     assert proj[:, 1].std() == pytest.approx(3.0, rel=0.1)
 
 
+def test_unit_range_clips_outliers_per_column():
+    values = np.stack([np.r_[np.arange(999.0), 1e6], np.linspace(-1.0, 1.0, 1000)], axis=1)
+    scaled = unit_range(values, clip_percent=1.0)
+    assert scaled.min() == 0.0 and scaled.max() == 1.0
+    assert scaled[-1, 0] == 1.0 and scaled[500, 0] == pytest.approx(0.5, abs=0.01)  # not squeezed to ~0
+    assert unit_range(values, clip_percent=0.0)[500, 0] < 0.001  # what min-max scaling would do
+    np.testing.assert_allclose(unit_range(values, clip_percent=0.0)[:, 1], np.linspace(0, 1, 1000))
+
+
 def test_patch_foreground_counts_covered_patches():
     instances = np.zeros((32, 32), np.uint16)
     instances[:16, :16] = 3  # the top-left quarter is one object
@@ -101,14 +111,14 @@ def test_pca_of_patch_tokens_separates_cells_from_background(tiny_vit):
     assert tokens.grid == (16, 16) and tokens.tokens.shape == (256, 48)
     truth = patch_foreground(instances, tokens.grid, 0.5)
 
-    pca = patch_pca(tokens, foreground=None)  # foreground from the first component alone
+    pca = patch_pca(tokens, foreground=None, clip_percent=1.0)  # foreground from the first component alone
     assert (pca.foreground == truth).mean() > 0.85  # the border patches are half cell, half background
     assert pca.rgb.shape == (16, 16, 3)
     assert pca.rgb.min() >= 0.0 and pca.rgb.max() <= 1.0
     assert (pca.rgb[~pca.foreground] == 0).all()
     assert np.ptp(pca.rgb[pca.foreground], axis=0).min() > 0.5  # each channel spans the foreground
 
-    given = patch_pca(tokens, foreground=truth)
+    given = patch_pca(tokens, foreground=truth, clip_percent=1.0)
     np.testing.assert_array_equal(given.foreground, truth)
     fig = pca_figure(image, given, "tiny")
     assert len(fig.axes) == 3
@@ -123,10 +133,10 @@ def test_pca_foreground_side_follows_the_darker_patches():
     tokens[dark.ravel(), 0] += 5.0
     brightness = np.where(dark, 60.0, 220.0)
     for sign in (1.0, -1.0):
-        pca = patch_pca(PatchTokens(sign * tokens, (4, 4), brightness), foreground=None)
+        pca = patch_pca(PatchTokens(sign * tokens, (4, 4), brightness), foreground=None, clip_percent=0.0)
         np.testing.assert_array_equal(pca.foreground, dark)
     with pytest.raises(ValueError, match="patch grid"):
-        patch_pca(PatchTokens(tokens, (4, 4), brightness), foreground=np.ones((2, 8), bool))
+        patch_pca(PatchTokens(tokens, (4, 4), brightness), foreground=np.ones((2, 8), bool), clip_percent=0.0)
 
 
 def test_umap_panels_share_coordinates_and_label_every_group():

@@ -21,13 +21,13 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from reddino.ablations import ERROR_FILE
-from reddino.eval.knn_report import METRICS
 from reddino.tables import markdown_table
 from reddino.viz.plots import MODEL_LABELS, ablation_bars, probe_label
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 FIGURE_PNG = "fig2_ablation_bars.png"
+KEYS = ["job", "axis", "variant", "status", "error", "steps", "overrides", "model", "knn"]
 
 
 @dataclass
@@ -64,11 +64,17 @@ def _overrides(job_dir: Path) -> list[str]:
 
 
 def _failure(job_dir: Path) -> str:
-    """The exception line of ``error.txt``, else what the job log last said."""
+    """The exception of ``error.txt`` (the unindented lines closing the traceback, as one line), else
+    what the job log last said."""
     error = job_dir / ERROR_FILE
     if error.is_file():
         lines = [line for line in error.read_text().splitlines() if line.strip()]
-        return lines[-1].strip() if lines else "empty error.txt"
+        tail: list[str] = []
+        for line in reversed(lines):
+            if line[:1].isspace() or line.startswith("Traceback"):
+                break
+            tail.insert(0, line.strip())
+        return " ".join(tail) or "empty error.txt"
     logs = sorted(job_dir.glob("*.log"))
     tail = [line for log in logs for line in log.read_text(errors="replace").splitlines() if line.strip()]
     last = f"; last log line: {tail[-1].strip()}" if tail else ""
@@ -102,24 +108,26 @@ def collect(sweep_dir: str | Path) -> pd.DataFrame:
     records = [read_job(d) for d in job_dirs(sweep_dir)]
     if not records:
         raise FileNotFoundError(f"{sweep_dir}: no job directories (subfolders with .hydra/)")
-    rows = []
+    rows, metrics = [], {}
     for r in records:
-        base = {k: getattr(r, k) for k in ("job", "axis", "variant", "status", "error", "steps", "overrides")}
+        base = {k: getattr(r, k) for k in KEYS[:-2]}
         if r.status != "ok":
             rows.append({**base, "model": None, "knn": None})
             continue
         for model, by_k in r.results.items():
             for k, scores in by_k.items():
                 row = {**base, "model": model, "knn": k}
-                for m in METRICS:
-                    row[f"{m}_mean"], row[f"{m}_std"] = scores[m]["mean"], scores[m]["std"]
+                for m, s in scores.items():  # the metrics results.json holds, in its order
+                    if isinstance(s, dict) and "mean" in s:
+                        row[f"{m}_mean"], row[f"{m}_std"] = s["mean"], s["std"]
+                        metrics[m] = None
                 rows.append(row)
-    return pd.DataFrame(rows, columns=_columns())
+    return pd.DataFrame(rows, columns=KEYS + [f"{m}_{s}" for m in metrics for s in ("mean", "std")])
 
 
-def _columns() -> list[str]:
-    keys = ["job", "axis", "variant", "status", "error", "steps", "overrides", "model", "knn"]
-    return keys + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+def metric_names(frame: pd.DataFrame) -> list[str]:
+    """The metrics ``collect`` found (columns ``<metric>_mean``)."""
+    return [c[: -len("_mean")] for c in frame.columns if c.endswith("_mean")]
 
 
 def _cell(mean: float, std: float) -> str:
@@ -179,6 +187,8 @@ def write_summary(sweep_dir: str | Path, out_dir: str | Path | None, metric: str
     out = Path(out_dir) if out_dir is not None else sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     frame = collect(sweep_dir)
+    if metric not in metric_names(frame) and (frame["status"] == "ok").any():
+        raise ValueError(f"no metric {metric!r} in the results; they hold {metric_names(frame)}")
     frame.to_csv(out / SUMMARY_CSV, index=False)
     (out / SUMMARY_MD).write_text(summary_markdown(frame, metric, sweep_dir))
     fig = ablation_bars(frame, metric)
@@ -190,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reddino-ablations-summary", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory, e.g. multirun/ablations/<time>")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the sweep dir)")
-    parser.add_argument("--metric", default="weighted_f1", choices=METRICS, help="the metric of Figure 2")
+    parser.add_argument("--metric", default="weighted_f1", help="the metric of the table and Figure 2")
     args = parser.parse_args(argv)
     frame = write_summary(args.sweep_dir, args.out, args.metric)
     out = args.out or args.sweep_dir

@@ -3,7 +3,8 @@
 - ``plots``: Figure 2 (ablation bars) and the results table (models x metrics, mean ± std);
 - ``pca``: Figure 3, PCA of patch tokens as RGB next to the input;
 - ``umap``: Figure 4, UMAP coloured by class and by subject/source side by side;
-- ``runs``: reading a run directory (config, scores, backbone, units, synthetic smears);
+- ``runs``: finding run directories and reading their config and scores;
+- ``run_data``: a run's backbone, labelled units, embeddings and synthetic smears;
 - ``execute``: running the notebooks (``make figures`` and the tests).
 
 Names are imported lazily, so ``reddino.viz.plots`` does not pull in torch or umap.
@@ -30,10 +31,11 @@ _EXPORTS = {
     "latest_run": "runs",
     "run_config": "runs",
     "run_results": "runs",
-    "run_backbone": "runs",
-    "run_units": "runs",
-    "embed_units": "runs",
-    "synthetic_smear": "runs",
+    "run_backbone": "run_data",
+    "run_units": "run_data",
+    "embed_units": "run_data",
+    "synthetic_smear": "run_data",
+    "merged_results": "runs",
 }
 __all__ = sorted(_EXPORTS)
 

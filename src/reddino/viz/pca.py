@@ -82,16 +82,20 @@ def otsu_threshold(values: np.ndarray) -> float:
     return float((v[i] + v[i + 1]) / 2)
 
 
-def _unit_range(values: np.ndarray) -> np.ndarray:
-    lo, hi = values.min(axis=0, keepdims=True), values.max(axis=0, keepdims=True)
-    return (values - lo) / np.maximum(hi - lo, 1e-12)
+def unit_range(values: np.ndarray, clip_percent: float) -> np.ndarray:
+    """Each column mapped to [0, 1] between its ``clip_percent`` and ``100 - clip_percent`` percentiles
+    (clipped), so a few extreme border tokens do not squeeze every cell into one grey."""
+    lo = np.percentile(values, clip_percent, axis=0, keepdims=True)
+    hi = np.percentile(values, 100 - clip_percent, axis=0, keepdims=True)
+    return np.clip((values - lo) / np.maximum(hi - lo, 1e-12), 0.0, 1.0)
 
 
-def patch_pca(patches: PatchTokens, foreground: np.ndarray | None) -> PatchPCA:
+def patch_pca(patches: PatchTokens, foreground: np.ndarray | None, clip_percent: float) -> PatchPCA:
     """Foreground from the first component (or ``foreground`` as given), RGB from 3 components on it.
 
     Without a mask, the first component is thresholded with Otsu; its sign is arbitrary, so the side
     whose patches are darker in the input is called foreground (cells absorb light in brightfield).
+    Each RGB channel spans its component's ``clip_percent``..``100 - clip_percent`` percentiles.
     """
     rows, cols = patches.grid
     first = principal_components(patches.tokens, 1)[:, 0].reshape(rows, cols)
@@ -107,7 +111,7 @@ def patch_pca(patches: PatchTokens, foreground: np.ndarray | None) -> PatchPCA:
     rgb = np.zeros((rows, cols, 3), dtype=np.float64)
     fg_tokens = patches.tokens[foreground.ravel()]
     if len(fg_tokens) >= 3:
-        rgb[foreground] = _unit_range(principal_components(fg_tokens, 3))
+        rgb[foreground] = unit_range(principal_components(fg_tokens, 3), clip_percent)
     return PatchPCA(first=first, foreground=foreground, rgb=rgb)
 
 
