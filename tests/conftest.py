@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ from threadpoolctl import threadpool_limits
 import reddino.config  # noqa: F401  (resolvers)
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+SUPPORT = Path(__file__).resolve().parent / "support"
+if str(SUPPORT) not in sys.path:  # test helpers: W&B offline reader, callbacks injected into CLI runs
+    sys.path.insert(0, str(SUPPORT))
 
 
 def compose_config(config_name: str, overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:

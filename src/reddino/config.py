@@ -24,11 +24,16 @@ def _coalesce(*values: object) -> object:
 def register_resolvers() -> None:
     """``${int_mul:a,b}``: int(a*b), e.g. total steps = epochs x epoch length (reference rounding);
     ``${synthetic_classes:}``: the label map of the embedded synthetic data;
-    ``${coalesce:a,b}``: the first non-null value (``oc.select`` returns a null value, not its default)."""
+    ``${coalesce:a,b}``: the first non-null value (``oc.select`` returns a null value, not its default);
+    ``${run_group:task}``: the W&B group, one per Hydra multirun (reddino.review.run_group)."""
     if not OmegaConf.has_resolver("int_mul"):
         OmegaConf.register_new_resolver("int_mul", _int_mul)
     if not OmegaConf.has_resolver("synthetic_classes"):
         OmegaConf.register_new_resolver("synthetic_classes", _synthetic_classes)
+    if not OmegaConf.has_resolver("run_group"):
+        from reddino.review import run_group
+
+        OmegaConf.register_new_resolver("run_group", run_group)
     if not OmegaConf.has_resolver("coalesce"):
         OmegaConf.register_new_resolver("coalesce", _coalesce)
 

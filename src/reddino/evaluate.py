@@ -40,6 +40,7 @@ from reddino.eval.linear import reference_C, sklearn_linear_probe, torch_linear_
 from reddino.eval.metrics import classification_metrics, confusion_matrix
 from reddino.eval.morphometrics import MORPHOMETRIC_NAMES, morphometric_features
 from reddino.eval.protocols import Split, make_splits
+from reddino.review import confusion_figure, log_review, save_figure
 from reddino.tables import markdown_table
 from reddino.weights import LoadedBackbone, build_from_config, load_backbone
 
@@ -232,8 +233,9 @@ def results_table(results: dict[str, Any]) -> str:
 
 
 def log_everything(cfg: DictConfig, summary: dict[str, Any], figures: list[Path]) -> None:
-    """Scalars to every logger; per-class tables, confusion matrices and UMAPs to W&B."""
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    """Scalars, config and summary to every logger; per-class F1 and confusion tables, confusion
+    matrices and UMAPs to W&B; every table and image is a file in the run directory first."""
+    out = Path(cfg.paths.output_dir)
     flat = {
         f"{fs}/{probe}/{m}": s[m]["mean"]
         for fs, by_probe in summary["results"].items()
@@ -244,26 +246,24 @@ def log_everything(cfg: DictConfig, summary: dict[str, Any], figures: list[Path]
         if be is not None:
             flat[f"{fs}/batch/source_bacc"] = be["source_predictability"]["balanced_accuracy"]
             flat[f"{fs}/batch/mixing_ratio"] = be["neighbour_mixing"]["ratio"]
+    classes = summary["protocol"]["classes"]
+    tables: dict[str, pd.DataFrame] = {}
+    images = {p.stem: p for p in figures}
+    (out / "tables").mkdir(exist_ok=True)
+    for fs, by_probe in summary["results"].items():
+        for probe, s in by_probe.items():
+            key = f"{fs}/{probe}"
+            tables[f"{key}/per_class_f1"] = pd.DataFrame(
+                {"class": classes, "f1": [s["per_class_f1"][c] for c in classes]}
+            )
+            tables[f"{key}/confusion"] = pd.DataFrame(s["confusion"], columns=classes).assign(true=classes)
+            fig = confusion_figure(np.asarray(s["confusion"]), classes, f"{fs}, {probe}")
+            images[f"confusion_{fs}_{probe}"] = save_figure(fig, out / f"confusion_{fs}_{probe}.png")
+    for name, table in tables.items():
+        table.to_csv(out / "tables" / f"{name.replace('/', '__')}.csv", index=False)
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    log_review(loggers, OmegaConf.to_container(cfg, resolve=True), flat, tables, images, step=0)
     for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        lg.log_metrics(flat, step=0)
-        if isinstance(lg, WandbLogger):
-            classes = summary["protocol"]["classes"]
-            for fs, by_probe in summary["results"].items():
-                for probe, s in by_probe.items():
-                    lg.log_table(
-                        f"{fs}/{probe}/per_class_f1",
-                        columns=["class", "f1"],
-                        data=[[c, s["per_class_f1"][c]] for c in classes],
-                    )
-                    lg.log_table(
-                        f"{fs}/{probe}/confusion",
-                        columns=["true", *classes],
-                        data=[[c, *row] for c, row in zip(classes, s["confusion"], strict=True)],
-                    )
-            if figures:
-                lg.log_image("umap", images=[str(p) for p in figures], caption=[p.stem for p in figures])
-        lg.save()
         if isinstance(lg, WandbLogger):
             lg.experiment.finish()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import pandas as pd
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
@@ -30,6 +31,7 @@ from reddino.eval.features import extract_cls_features
 from reddino.eval.knn_report import format_table, grouped_knn_scores
 from reddino.fast_path import FastPath, apply_global_switches, compile_blocks_, set_fused_attention_
 from reddino.launch import pin_children_to_this_job
+from reddino.review import log_review, save_figure
 from reddino.ssl.export import export_timm
 from reddino.ssl.module import DinoV2Module
 from reddino.weights import init_backbone_, load_backbone
@@ -144,8 +146,13 @@ def checkpoint_to_resume(cfg: DictConfig) -> str | None:
     return str(last)
 
 
-def knn_evaluation(cfg: DictConfig, backbones: dict[str, torch.nn.Module]) -> dict[str, Any]:
-    """k-NN on held-out labelled units (a source unseen in pretraining), folds grouped by smear/subject."""
+def knn_evaluation(
+    cfg: DictConfig, backbones: dict[str, torch.nn.Module]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], pd.DataFrame]:
+    """k-NN on held-out labelled units (a source unseen in pretraining), folds grouped by smear/subject.
+
+    Returns the report, each backbone's CLS features and the units they belong to.
+    """
     r = cfg.report
     units = instantiate(cfg.data.eval_units)
     if r.max_units is not None and len(units) > r.max_units:
@@ -157,10 +164,13 @@ def knn_evaluation(cfg: DictConfig, backbones: dict[str, torch.nn.Module]) -> di
     groups = units[r.group_by].to_numpy()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict[str, Any] = {}
+    features: dict[str, torch.Tensor] = {}
     for name, net in backbones.items():
-        feats, labels = extract_cls_features(net, dataset, r.batch_size, 0, device)
-        results[name] = grouped_knn_scores(feats, labels, groups, r.ks, len(classes), r.n_splits, cfg.seed)
-    return {
+        features[name], labels = extract_cls_features(net, dataset, r.batch_size, 0, device)
+        results[name] = grouped_knn_scores(
+            features[name], labels, groups, r.ks, len(classes), r.n_splits, cfg.seed
+        )
+    report = {
         "protocol": {
             "units": len(units),
             "sources": sorted(set(units["source"])),
@@ -172,6 +182,52 @@ def knn_evaluation(cfg: DictConfig, backbones: dict[str, torch.nn.Module]) -> di
         },
         "results": results,
     }
+    return report, features, units
+
+
+def review_figures(
+    cfg: DictConfig, out: Path, teacher: torch.nn.Module, features: torch.Tensor, units: pd.DataFrame
+) -> dict[str, Path]:
+    """UMAP of the teacher's held-out features (by class | by subject) and the PCA map of its patch tokens."""
+    from reddino.data.io import read_rgb
+    from reddino.viz.pca import patch_pca, patch_tokens, pca_figure
+    from reddino.viz.umap import umap_embedding, umap_panels
+
+    f = cfg.report.figures
+    xy, idx = umap_embedding(features.numpy(), f.umap_max_points, cfg.seed)
+    picked = units.iloc[idx]
+    umap = umap_panels(
+        xy,
+        {"class": picked["label"].tolist(), "subject": picked["subject"].tolist()},
+        "teacher CLS, held out",
+    )
+    smear = read_rgb(units["file"].iloc[0])
+    h, w = smear.shape[:2]
+    side = min(f.pca_tile, h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    tile = smear[top : top + side, left : left + side]
+    tokens = patch_tokens(teacher.cpu(), tile, f.pca_size, cfg.augment.mean, cfg.augment.std)
+    pca = pca_figure(
+        tile,
+        patch_pca(tokens, None, f.pca_clip_percent),
+        f"teacher patch tokens: {Path(units['file'].iloc[0]).name}",
+    )
+    return {
+        "umap_teacher": save_figure(umap, out / "umap_teacher.png"),
+        "pca_patches": save_figure(pca, out / "pca_patches.png"),
+    }
+
+
+def results_frame(results: dict[str, Any]) -> pd.DataFrame:
+    """One row per (model, k, metric): mean and std over folds."""
+    return pd.DataFrame(
+        [
+            {"model": model, "knn": k, "metric": metric, "mean": s["mean"], "std": s["std"]}
+            for model, by_k in results.items()
+            for k, by_metric in by_k.items()
+            for metric, s in by_metric.items()
+        ]
+    )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -205,20 +261,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         summary["exported"] = str(weights)
         if cfg.report.enabled:
-            report = knn_evaluation(
-                cfg,
-                {
-                    "pretrained_teacher": module.teacher["backbone"],
-                    "init_weights" if cfg.init is not None else "random_init": initial,
-                },
+            initial_name = "init_weights" if cfg.init is not None else "random_init"
+            report, features, units = knn_evaluation(
+                cfg, {"pretrained_teacher": module.teacher["backbone"], initial_name: initial}
             )
             summary.update(report)
             table = format_table(report["results"])
             (out / "results.md").write_text(table + "\n")
+            frame = results_frame(report["results"])
+            frame.to_csv(out / "results.csv", index=False)
             log.info("k-NN on held-out units %s:\n%s", report["protocol"], table)
             print(f"\nk-NN evaluation on held-out {report['protocol']['sources']} ({out}):\n{table}\n")
-            for lg in trainer.loggers:
-                lg.log_metrics(_flatten_scores(report["results"]), step=trainer.global_step)
+            images = {}
+            if cfg.report.figures.enabled:
+                images = review_figures(
+                    cfg, out, module.teacher["backbone"], features["pretrained_teacher"], units
+                )
+            log_review(
+                trainer.loggers,
+                OmegaConf.to_container(cfg, resolve=True),
+                _flatten_scores(report["results"]),
+                {"knn_results": frame},
+                images,
+                step=trainer.global_step,
+            )
         (out / "results.json").write_text(json.dumps(summary, indent=2))
     close_loggers(trainer)
     return summary

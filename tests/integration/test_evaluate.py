@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from wandb_offline import read_offline_run
 
 from reddino.evaluate import run
 from reddino.ssl.backbone import build_backbone
@@ -79,7 +80,19 @@ def test_eval_kfold_with_baselines_batch_effects_and_wandb(make_cfg, exported, t
     assert len(list(out.glob("umap_*_by_*.png"))) == 6
     metrics = pd.read_csv(out / "csv" / "metrics.csv")
     assert "pretrained/linear/weighted_f1" in metrics.columns
-    assert list((out / "wandb").glob("offline-run-*")), "W&B must write its offline run into the run dir"
+    # W&B review, read back from the offline run: config, summary, tables and images, all also on disk
+    wb = read_offline_run(sorted((out / "wandb").glob("offline-run-*"))[0])
+    assert wb.group == "eval" and wb.config["eval"]["protocol"] == cfg.eval.protocol == "grouped_kfold"
+    assert wb.summary["pretrained/linear/weighted_f1"] == pytest.approx(
+        results["results"]["pretrained"]["linear"]["weighted_f1"]["mean"]
+    )
+    assert "random_init/batch/mixing_ratio" in wb.summary
+    for probe in ("linear", "knn1", "knn5"):
+        assert (out / f"confusion_pretrained_{probe}.png").is_file()
+        assert any(m.startswith(f"media/images/confusion_pretrained_{probe}_") for m in wb.media)
+        assert any(m.startswith(f"media/table/pretrained/{probe}/confusion_") for m in wb.media), wb.media
+        assert (out / "tables" / f"pretrained__{probe}__per_class_f1.csv").is_file()
+    assert sum(m.startswith("media/images/umap_") for m in wb.media) == 6
     # a second evaluation reads every feature set from the cache
     again = run(cfg)
     assert again["results"]["pretrained"]["knn1"] == summary["results"]["pretrained"]["knn1"]

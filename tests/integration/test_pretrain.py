@@ -11,6 +11,7 @@ import timm
 import torch
 from hydra.utils import instantiate as hydra_instantiate
 from safetensors.torch import load_file
+from wandb_offline import read_offline_run
 
 from reddino.pretrain import run
 from reddino.weights import load_backbone
@@ -48,7 +49,20 @@ def test_debug_run_writes_checkpoints_logs_export_and_report(make_cfg, tmp_path)
         "monitor/cls_std",
     ):
         assert column in metrics.columns, column
-    assert list((out / "wandb").glob("offline-run-*")), "W&B must write its offline run into the run dir"
+    # W&B review, read back from the offline run; every image and table is also a file in the run dir
+    (offline,) = (out / "wandb").glob("offline-run-*")
+    wb = read_offline_run(offline)
+    assert wb.run_id == (out / "wandb_run_id").read_text().strip() and wb.group == "pretrain"
+    assert wb.config["ssl"]["name"] == "reddino" and wb.config["model"]["patch_size"] == cfg.model.patch_size
+    for model in ("pretrained_teacher", "random_init"):
+        key = f"knn/{model}/k=1/weighted_f1"
+        assert wb.summary[key] == pytest.approx(results["results"][model]["k=1"]["weighted_f1"]["mean"])
+    assert {"train/loss", "schedule/lr", "monitor/teacher_entropy"} <= wb.history_keys
+    for name in ("umap_teacher", "pca_patches"):
+        assert (out / f"{name}.png").is_file()
+        assert any(m.startswith(f"media/images/{name}_") for m in wb.media), wb.media
+    assert any(m.startswith("media/table/knn_results_") for m in wb.media)
+    assert len(pd.read_csv(out / "results.csv")) == 2 * 2 * 4  # models x k x metrics
 
     state = load_file(str(out / "export" / "model.safetensors"))
     config = json.loads((out / "export" / "config.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
+from reddino.pretrain import CONFIG_DIR as CONF
 from reddino.pretrain import checkpoint_to_resume, logger_run_id, run_id_of
 
 
@@ -34,3 +35,22 @@ def test_resume_resolves_last_checkpoint_or_names_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match="not both"):
         checkpoint_to_resume(OmegaConf.merge(cfg, {"ckpt_path": "x.ckpt"}))
     assert checkpoint_to_resume(OmegaConf.create({"resume": None, "ckpt_path": "x.ckpt"})) == "x.ckpt"
+
+
+def test_runs_of_one_multirun_share_a_wandb_group():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from reddino.review import run_group
+
+    sweep = "hydra.sweep.dir=multirun/pretrain/2026-01-02_03-04-05"
+    groups = []
+    for mode in ("MULTIRUN", "RUN"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=CONF):
+            cfg = compose("pretrain", [sweep, f"hydra.mode={mode}"], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        groups.append(run_group("pretrain"))
+    GlobalHydra.instance().clear()
+    assert groups == ["pretrain-2026-01-02_03-04-05", "pretrain"]
