@@ -270,26 +270,29 @@ def infer_model_args(
     ``model_args`` overrides anything inferred.
     """
     extra = dict(model_args or {})
-    if any(".mlp.w12." in k for k in state):
-        raise NotImplementedError(
-            "ViT-g (SwiGLU 'mlp.w12'/'mlp.w3' keys) is not supported: the mapping to timm's "
-            "vit_giant_patch14_dinov2 ('mlp.fc1'/'mlp.fc2', packed SwiGLU) is not verified here"
-        )
     dim = int(state["cls_token"].shape[-1])
-    if dim == 1536:
-        raise NotImplementedError("embed_dim 1536 (ViT-g, SwiGLU MLP) is not supported; use S/B/L weights")
     if "blocks.0.mlp.fc1.weight" not in state:
-        raise ValueError("no 'blocks.0.mlp.fc1.weight': not a DINOv2 ViT-S/B/L state dict")
+        raise ValueError(
+            "no 'blocks.0.mlp.fc1.weight' (or SwiGLU 'blocks.0.mlp.w12.weight'): not a DINOv2 ViT state dict"
+        )
     depth = _depth(state)
     hidden = int(state["blocks.0.mlp.fc1.weight"].shape[0])
-    arch, std_depth, std_heads = STANDARD_SIZES.get(dim, (STANDARD_SIZES[384][0], -1, -1))
+    swiglu = _is_swiglu(state)
+    default_arch = STANDARD_SIZES[1536 if swiglu else 384][0]  # the giant arch carries timm's SwiGLUPacked
+    arch, std_depth, std_heads = STANDARD_SIZES.get(dim, (default_arch, -1, -1))
+    if swiglu != (arch == STANDARD_SIZES[1536][0]):
+        raise ValueError(
+            f"embed_dim {dim} with {'a SwiGLU' if swiglu else 'a plain'} MLP is not a DINOv2 layout"
+        )
+    # timm's giant keeps DINOv2's packed SwiGLU: fc1 = w12 (2 x 4096 rows for 1536-d)
+    std_hidden = 8192 if swiglu else 4 * dim
     args: dict[str, Any] = {
         "img_size": RELEASE_IMG_SIZE,
         "patch_size": int(state["patch_embed.proj.weight"].shape[-1]),
         "init_values": 1.0,  # LayerScale present; its gammas come from the checkpoint
         "dynamic_img_size": False,
     }
-    if depth != std_depth or "num_heads" in extra or hidden != 4 * dim:
+    if depth != std_depth or "num_heads" in extra or hidden != std_hidden:
         if "num_heads" not in extra and std_heads < 0:
             raise ValueError(
                 f"embed_dim {dim} is not a standard DINOv2 size; pass model_args={{'num_heads': ...}}"
@@ -311,13 +314,32 @@ def _load_strict(model: VisionTransformer, state: Mapping[str, Tensor], source: 
         )
 
 
+def _is_swiglu(state: Mapping[str, Tensor]) -> bool:
+    """True for ViT-g layouts after ``timm_mlp_keys``: fc1 rows = 2 x fc2 columns (packed gate + value)."""
+    fc1, fc2 = state["blocks.0.mlp.fc1.weight"], state["blocks.0.mlp.fc2.weight"]
+    return int(fc1.shape[0]) == 2 * int(fc2.shape[1])
+
+
+def timm_mlp_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """DINOv2's SwiGLU names (ViT-g ``mlp.w12`` / ``mlp.w3``) -> timm's ``mlp.fc1`` / ``mlp.fc2``.
+
+    Same tensors, no repacking: DINOv2 computes ``silu(x1) * x2`` with ``x1, x2 = w12(x).chunk(2)`` and timm's
+    ``SwiGLUPacked`` (``GluMlp``, ``gate_last=False``) computes ``silu(x1) * x2`` on ``fc1(x).chunk(2)``.
+    """
+    renamed = {}
+    for key, value in state.items():
+        match = re.fullmatch(r"(blocks\.\d+\.mlp\.)(w12|w3)(\.(?:weight|bias))", key)
+        renamed[f"{match[1]}{'fc1' if match[2] == 'w12' else 'fc2'}{match[3]}" if match else key] = value
+    return renamed
+
+
 def load_dinov2_state_dict(
     state: Mapping[str, Tensor], source: Path | str, model_args: Mapping[str, Any] | None = None
 ) -> LoadedBackbone:
     """A DINOv2-layout backbone state dict -> timm ViT at 224 px, position grid resampled as RedDino does."""
+    state = timm_mlp_keys(state)
     arch, args = infer_model_args(state, model_args)
     model = build_from_config({"architecture": arch, "model_args": args})
-    state = dict(state)
     grid = int(args["img_size"]) // int(args["patch_size"])
     state["pos_embed"] = resample_pos_embed_dinov2(state["pos_embed"], grid)
     _load_strict(model, state, source)

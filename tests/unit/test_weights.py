@@ -21,6 +21,7 @@ from reddino.weights import (
     infer_model_args,
     load_backbone,
     resample_pos_embed_dinov2,
+    timm_mlp_keys,
 )
 
 TINY = dict(embed_dim=48, depth=2, num_heads=2)
@@ -124,7 +125,11 @@ def make_ckpt(tmp_path: Path) -> Path:
 
 
 def bloom_checkpoint(source: torch.nn.Module) -> dict:
-    teacher = {f"backbone.{k}": v for k, v in source.state_dict().items()}
+    return bloom_checkpoint_from_state(source.state_dict())
+
+
+def bloom_checkpoint_from_state(state: dict[str, torch.Tensor]) -> dict:
+    teacher = {f"backbone.{k}": v for k, v in state.items()}
     teacher["dino_head.mlp.0.weight"] = torch.randn(16, 48)
     teacher["dino_head.last_layer.weight_g"] = torch.randn(32, 1)
     teacher["ibot_head.mlp.0.weight"] = torch.randn(16, 48)
@@ -216,12 +221,68 @@ def test_architecture_is_inferred_from_the_weights():
             "cls_token": torch.empty(1, 1, dim, device="meta"),
             "patch_embed.proj.weight": torch.empty(dim, 3, 14, 14, device="meta"),
             **{f"blocks.{i}.mlp.fc1.weight": torch.empty(4 * dim, dim, device="meta") for i in range(depth)},
+            "blocks.0.mlp.fc2.weight": torch.empty(dim, 4 * dim, device="meta"),
         }
         arch, args = infer_model_args(fake)
         assert arch == f"vit_{name}_patch14_dinov2" and "embed_dim" not in args
-    giant = {"cls_token": torch.empty(1, 1, 1536, device="meta"), "blocks.0.mlp.w12.weight": torch.empty(0)}
-    with pytest.raises(NotImplementedError, match="SwiGLU"):
-        infer_model_args(giant)
+    giant = {  # ViT-g: SwiGLU hidden 4096, packed w12 (8192, 1536) as DINOv2 stores it
+        "cls_token": torch.empty(1, 1, 1536, device="meta"),
+        "patch_embed.proj.weight": torch.empty(1536, 3, 14, 14, device="meta"),
+        **{f"blocks.{i}.mlp.w12.weight": torch.empty(8192, 1536, device="meta") for i in range(40)},
+        "blocks.0.mlp.w3.weight": torch.empty(1536, 4096, device="meta"),
+    }
+    arch, args = infer_model_args(timm_mlp_keys(giant))
+    assert arch == "vit_giant_patch14_dinov2" and "embed_dim" not in args
+    with torch.device("meta"):  # the full-size timm giant has exactly these MLP shapes
+        model = timm.create_model(arch, pretrained=False, num_classes=0, **args)
+    assert model.blocks[0].mlp.fc1.weight.shape == (8192, 1536) and model.blocks[0].mlp.fc2.weight.shape == (
+        1536,
+        4096,
+    )
+
+
+def giant_source(img_size: int = 518) -> dict[str, torch.Tensor]:
+    """A tiny ViT-g-style network (SwiGLU MLP) as a DINOv2 state dict: ``mlp.w12`` / ``mlp.w3`` keys."""
+    torch.manual_seed(1)
+    model = build_backbone(
+        "vit_giant_patch14_dinov2", img_size, 14, 0.0, 1.0, False, {**TINY, "mlp_ratio": 64 / 48}
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return {
+        k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3."): v
+        for k, v in model.state_dict().items()
+    }
+
+
+def dinov2_swiglu_ffn(state: dict[str, torch.Tensor], block: int, x: torch.Tensor) -> torch.Tensor:
+    """DINOv2's SwiGLUFFNFused, written from its definition: w3(silu(x1) * x2), x1, x2 = w12(x).chunk(2)."""
+    p = f"blocks.{block}.mlp."
+    x1, x2 = F.linear(x, state[p + "w12.weight"], state[p + "w12.bias"]).chunk(2, dim=-1)
+    return F.linear(F.silu(x1) * x2, state[p + "w3.weight"], state[p + "w3.bias"])
+
+
+@pytest.mark.parametrize("packaging", ["hub", "dinobloom"])
+def test_vit_g_swiglu_weights_load_into_timm_giant(tmp_path, packaging):
+    state = giant_source()
+    assert "blocks.0.mlp.w12.weight" in state and state["blocks.0.mlp.w12.weight"].shape == (64, 48)
+    path = tmp_path / f"{packaging}-g.pth"
+    torch.save(state if packaging == "hub" else bloom_checkpoint_from_state(state), path)
+    loaded = load_backbone(path, model_args=HEADS)
+    assert loaded.architecture == "vit_giant_patch14_dinov2" and loaded.input_size == 224
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        for block in range(2):
+            got = loaded.model.blocks[block].mlp(x)
+            torch.testing.assert_close(got, dinov2_swiglu_ffn(state, block, x), atol=1e-6, rtol=1e-5)
+    # and the whole network agrees with the same weights in timm's own names at 224 px
+    timm_names = dict(loaded.model.state_dict())
+    reference = build_backbone(
+        "vit_giant_patch14_dinov2", 224, 14, 0.0, 1.0, False, {**TINY, "mlp_ratio": 64 / 48}
+    )
+    reference.load_state_dict({**timm_names, "mask_token": torch.zeros(1, 48)}, strict=True)
+    assert_same_features(loaded.model, reference.eval())
 
 
 # --- safety and hub ids ---------------------------------------------------------------------------
