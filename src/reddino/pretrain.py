@@ -250,20 +250,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "world_size": trainer.world_size,
         "teacher_rank_difference": module.teacher_rank_difference,
     }
+    teacher = final_teacher(trainer, module, initial)  # collective under FSDP: every rank calls it
     if trainer.is_global_zero:
         model_args = {
             k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"
         }
         arch = model_args.pop("arch")
         model_args.update(model_args.pop("overrides"))
-        weights = export_timm(
-            module.teacher["backbone"], out / "export", arch, model_args, cfg.augment.mean, cfg.augment.std
-        )
+        weights = export_timm(teacher, out / "export", arch, model_args, cfg.augment.mean, cfg.augment.std)
         summary["exported"] = str(weights)
         if cfg.report.enabled:
             initial_name = "init_weights" if cfg.init is not None else "random_init"
             report, features, units = knn_evaluation(
-                cfg, {"pretrained_teacher": module.teacher["backbone"], initial_name: initial}
+                cfg, {"pretrained_teacher": teacher, initial_name: initial}
             )
             summary.update(report)
             table = format_table(report["results"])
@@ -274,9 +273,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             print(f"\nk-NN evaluation on held-out {report['protocol']['sources']} ({out}):\n{table}\n")
             images = {}
             if cfg.report.figures.enabled:
-                images = review_figures(
-                    cfg, out, module.teacher["backbone"], features["pretrained_teacher"], units
-                )
+                images = review_figures(cfg, out, teacher, features["pretrained_teacher"], units)
             log_review(
                 trainer.loggers,
                 OmegaConf.to_container(cfg, resolve=True),
@@ -288,6 +285,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (out / "results.json").write_text(json.dumps(summary, indent=2))
     close_loggers(trainer)
     return summary
+
+
+def final_teacher(
+    trainer: pl.Trainer, module: DinoV2Module, initial: torch.nn.Module
+) -> torch.nn.Module | None:
+    """The trained teacher backbone, whole: the module's own, or under FSDP gathered onto rank 0.
+
+    Under FSDP every rank holds shards; Lightning's full state dict (rank 0 only) is loaded into a copy of
+    the initial backbone. Other ranks get None.
+    """
+    if module.fsdp_root() is None:
+        return module.teacher["backbone"]
+    state = trainer.strategy.lightning_module_state_dict()
+    if not trainer.is_global_zero:
+        return None
+    prefix = "teacher.backbone."
+    teacher = copy.deepcopy(initial)
+    teacher.load_state_dict(
+        {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True
+    )
+    return teacher.eval()
 
 
 def close_loggers(trainer: pl.Trainer) -> None:

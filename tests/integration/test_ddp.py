@@ -177,3 +177,25 @@ def test_ddp_multirun_job_keeps_one_run_directory(tmp_path):
     assert results["world_size"] == 2 and results["teacher_rank_difference"] == 0.0
     assert results["steps"] > 0 and (job / "export" / "model.safetensors").is_file()
     assert (job / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP through Lightning needs 2 CUDA devices")
+def test_fsdp_run_trains_exports_and_reports(tmp_path):
+    """``trainer=fsdp`` end to end on 2 GPUs: sharded EMA and clipping, gathered export, k-NN report."""
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "reddino.pretrain",
+        "debug=fast",
+        "trainer=fsdp",
+        "trainer.devices=2",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["teacher_rank_difference"] is None
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()

@@ -108,3 +108,15 @@ def test_slurm_launcher_composes_one_task_per_gpu():
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert launcher.tasks_per_node == launcher.gpus_per_node == 8
     assert launcher.submitit_folder == f"{cfg.hydra.sweep.dir}/.submitit/%j"
+
+
+def test_fsdp_trainer_builds_lightnings_strategy_with_the_block_and_head_policy(make_cfg):
+    from pytorch_lightning.strategies import FSDPStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    cfg = make_cfg("trainer=fsdp")
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    strategy = instantiate(cfg.trainer.strategy)  # a Trainer needs CUDA for FSDP; the strategy does not
+    assert isinstance(strategy, FSDPStrategy)
+    assert isinstance(strategy.kwargs["auto_wrap_policy"], ModuleWrapPolicy)
+    assert strategy.kwargs["use_orig_params"] is True

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from reddino.ssl.backbone import forward_tokens, timm_state_dict
 from reddino.ssl.centering import build_centering
@@ -26,6 +27,7 @@ from reddino.ssl.heads import DINOHead
 from reddino.ssl.losses import dino_loss_terms, ibot_patch_loss, koleo_loss
 from reddino.ssl.param_groups import apply_schedules_, build_param_groups
 from reddino.ssl.schedules import SSLSchedules, scale_lr
+from reddino.ssl.sharding import clip_grad_norm_, sharded_ema_update_
 
 log = logging.getLogger("reddino.ssl")
 
@@ -157,8 +159,8 @@ class DinoV2Module(pl.LightningModule):
 
     def teacher_targets(self, batch: Mapping[str, Any], teacher_temp: float) -> tuple[Tensor, Tensor]:
         """Teacher CLS and masked-patch target distributions on the unmasked global crops."""
-        if not self.teacher_inference_mode:
-            with torch.no_grad():
+        if not self.teacher_inference_mode or self.fsdp_root() is not None:  # FSDP gathers need autograd-
+            with torch.no_grad():  # visible (non-inference) tensors
                 return self._teacher_targets(batch, teacher_temp)
         with torch.inference_mode():
             cls_probs, patch_probs = self._teacher_targets(batch, teacher_temp)
@@ -213,6 +215,10 @@ class DinoV2Module(pl.LightningModule):
 
     def ema_step(self) -> None:
         """teacher <- m * teacher + (1 - m) * student with this step's momentum."""
+        root = self.fsdp_root()
+        if root is not None:
+            sharded_ema_update_(root, self.teacher, self.student, self._step_values["momentum"])
+            return
         teacher, student = self._ema_pairs
         ema_update_(teacher, student, self._step_values["momentum"])
 
@@ -243,11 +249,18 @@ class DinoV2Module(pl.LightningModule):
         """Clip each student submodule separately, as the reference does (backbone and heads)."""
         clip = self.optim_cfg["clip_grad"]
         if clip and clip > 0:
+            sharded = self.fsdp_root() is not None
             for sub in self.student.values():
-                torch.nn.utils.clip_grad_norm_(sub.parameters(), clip)
+                clip_grad_norm_(sub.parameters(), clip, sharded)
+
+    def fsdp_root(self) -> FSDP | None:
+        """The FSDP unit Lightning wrapped this module in, when training is sharded (``trainer=fsdp``)."""
+        model = self._trainer.strategy.model if self._trainer is not None else None
+        return model if isinstance(model, FSDP) else None
 
     def on_train_start(self) -> None:
-        self._ema_pairs = ema_param_pairs(self.teacher, self.student)
+        if self.fsdp_root() is None:  # sharded training pairs parameters inside each update
+            self._ema_pairs = ema_param_pairs(self.teacher, self.student)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Student step, then the EMA teacher update, inside the same Lightning step.
@@ -265,6 +278,8 @@ class DinoV2Module(pl.LightningModule):
         Logged (and written to results.json by reddino-pretrain) rather than raised: the export of a
         long run is still worth keeping when the check fails.
         """
+        if self.fsdp_root() is not None:
+            return  # each rank holds different shards by design
         self.teacher_rank_difference = max_rank_difference(list(self.teacher.parameters()))
         if self.teacher_rank_difference != 0.0:
             log.error(
