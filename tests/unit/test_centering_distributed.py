@@ -6,12 +6,9 @@ moving-average centre must make every rank's result identical to the single-proc
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_on_ranks
 
 from reddino.ssl.centering import MovingAverageCentering, sinkhorn_knopp
 from reddino.ssl.distributed import all_reduce_sum_, is_dist, world_size
@@ -91,23 +88,13 @@ def _compute(rank: int, n_ranks: int) -> dict:
     }
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.save(_compute(rank, WORLD), Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _on_rank(rank: int) -> dict:
+    return _compute(rank, WORLD)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("dist")
-    mp.start_processes(
-        _worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True, start_method="spawn"
-    )
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_on_rank, WORLD, tmp_path_factory.mktemp("dist"))
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,10 @@ clipping must equal the same operations on whole, unsharded tensors.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_on_ranks
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import StateDictType
@@ -52,47 +50,35 @@ class Pair(nn.Module):
         )
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        pair = Pair()
-        sharded = FSDP(
-            Pair(), auto_wrap_policy=fsdp_wrap_policy(), use_orig_params=True, device_id=torch.device("cpu")
-        )
-        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-        # gradients: the norm over all shards of all ranks, and the clipped result
-        sharded(x).backward()
-        norm = clip_grad_norm_(sharded.module.student.parameters(), MAX_NORM, sharded=True)
-        after = clip_grad_norm_(sharded.module.student.parameters(), float("inf"), sharded=True)
-        pair(x).backward()
-        reference = torch.nn.utils.clip_grad_norm_(pair.student.parameters(), MAX_NORM)
-        # EMA on shards, then gathered whole
-        sharded_ema_update_(sharded, sharded.module.teacher, sharded.module.student, MOMENTUM)
-        with FSDP.state_dict_type(sharded, StateDictType.FULL_STATE_DICT):
-            state = sharded.state_dict()
-        torch.save(
-            {
-                "norm": norm,
-                "after": after,
-                "reference": reference,
-                "teacher": {k: v for k, v in state.items() if k.startswith("teacher.")},
-                "local_sizes": [p.numel() for p in sharded.module.teacher.parameters()],
-            },
-            Path(out_dir) / f"rank{rank}.pt",
-        )
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _on_rank(rank: int) -> dict:
+    del rank  # every rank runs the same code on its own shards
+    pair = Pair()
+    sharded = FSDP(
+        Pair(), auto_wrap_policy=fsdp_wrap_policy(), use_orig_params=True, device_id=torch.device("cpu")
+    )
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    # gradients: the norm over all shards of all ranks, and the clipped result
+    sharded(x).backward()
+    norm = clip_grad_norm_(sharded.module.student.parameters(), MAX_NORM, sharded=True)
+    after = clip_grad_norm_(sharded.module.student.parameters(), float("inf"), sharded=True)
+    pair(x).backward()
+    reference = torch.nn.utils.clip_grad_norm_(pair.student.parameters(), MAX_NORM)
+    # EMA on shards, then gathered whole
+    sharded_ema_update_(sharded, sharded.module.teacher, sharded.module.student, MOMENTUM)
+    with FSDP.state_dict_type(sharded, StateDictType.FULL_STATE_DICT):
+        state = sharded.state_dict()
+    return {
+        "norm": norm,
+        "after": after,
+        "reference": reference,
+        "teacher": {k: v for k, v in state.items() if k.startswith("teacher.")},
+        "local_sizes": [p.numel() for p in sharded.module.teacher.parameters()],
+    }
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("fsdp")
-    mp.start_processes(
-        _worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True, start_method="spawn"
-    )
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_on_rank, WORLD, tmp_path_factory.mktemp("fsdp"))
 
 
 def test_parameters_really_are_sharded(results):
