@@ -64,3 +64,11 @@ def single_thread():
     with threadpool_limits(1):
         yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_wandb_service():
+    """``wandb.init`` in this process exports WANDB_SERVICE; CLI runs that later tests start as subprocesses
+    would inherit it and share this process's W&B service, where a SIGKILLed run's id stays "in use"."""
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
