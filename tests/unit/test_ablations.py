@@ -88,6 +88,13 @@ def test_grid_sweeps_one_variant_per_axis_each_changing_something(compose, grid)
     assert sorted(axes) == sorted(AXIS_KEYS), "one job per axis of the paper, plus the baseline"
 
 
+def test_the_real_grid_is_one_argument_after_the_make_target(compose):
+    """``make ablations ARGS="experiment=ablations_reddino_s"``: the target's experiment, then ARGS."""
+    cfg = compose("experiment=ablations", "experiment=ablations_reddino_s", hydra=True)
+    assert "backbone_vit_b14" in cfg.hydra.sweeper.params.ablation.split(",")
+    assert cfg.model.arch == "vit_small_patch14_dinov2" and cfg.data.name == "real"
+
+
 def test_embedded_grid_is_the_embedded_default_made_shorter(compose):
     embedded, grid = compose("experiment=embedded"), compose("experiment=ablations")
     assert {k.split(".")[0] for k in _changed(embedded, grid)} <= {"ssl", "report", "logger"}

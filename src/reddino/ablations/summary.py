@@ -50,12 +50,12 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
-def _job_config(job_dir: Path) -> dict[str, Any]:
+def _ablation(job_dir: Path) -> dict[str, Any]:
+    """The job's ``ablation`` config key (axis, variant); empty for a job run without one."""
     for path in (job_dir / "config.yaml", job_dir / ".hydra" / "config.yaml"):
         if path.is_file():
-            cfg = OmegaConf.load(path)
-            return {"ablation": OmegaConf.to_container(cfg.get("ablation") or {}, resolve=False)}
-    return {"ablation": {}}
+            return OmegaConf.to_container(OmegaConf.load(path).get("ablation") or {}, resolve=False)
+    return {}
 
 
 def _overrides(job_dir: Path) -> list[str]:
@@ -82,7 +82,7 @@ def _failure(job_dir: Path) -> str:
 
 
 def read_job(job_dir: Path) -> JobRecord:
-    ablation = _job_config(job_dir)["ablation"]
+    ablation = _ablation(job_dir)
     overrides = _overrides(job_dir)
     results_path = job_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
