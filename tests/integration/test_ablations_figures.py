@@ -39,6 +39,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path) -> Pa
         "debug=fast",
         "ablation=baseline",
         "data.pretrain_units.unit=cell,bogus",
+        "report.figures.enabled=false",  # the run's own review figures: not what this test is about
         f"hydra.sweep.dir={sweep}",
     ]
     env = {**os.environ, **ONE_THREAD, "REDDINO_CACHE_DIR": str(synthetic_cache)}

@@ -15,8 +15,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-import reddino.config  # noqa: F401  (resolvers of the saved configs)
-
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
