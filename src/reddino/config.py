@@ -17,6 +17,12 @@ def _synthetic_classes() -> list[str]:
     return list(RBC_CLASSES)
 
 
+def _run_group(task_name: str) -> str:
+    from reddino.review import run_group  # imports Lightning: only when a logger config is resolved
+
+    return run_group(task_name)
+
+
 def _coalesce(*values: object) -> object:
     return next((v for v in values if v is not None), None)
 
@@ -31,9 +37,7 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("synthetic_classes"):
         OmegaConf.register_new_resolver("synthetic_classes", _synthetic_classes)
     if not OmegaConf.has_resolver("run_group"):
-        from reddino.review import run_group
-
-        OmegaConf.register_new_resolver("run_group", run_group)
+        OmegaConf.register_new_resolver("run_group", _run_group)
     if not OmegaConf.has_resolver("coalesce"):
         OmegaConf.register_new_resolver("coalesce", _coalesce)
 
