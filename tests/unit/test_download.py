@@ -88,12 +88,18 @@ def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
 
 
 @pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path, list[str]]]:
-    """(base URL, folder it serves, list of request paths)."""
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The folder a localhost server serves; proxies bypassed for localhost."""
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    served = tmp_path / "served"
-    served.mkdir()
+    folder = tmp_path / "served"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def server(served: Path) -> Iterator[tuple[str, Path, list[str]]]:
+    """(base URL, folder it serves, list of request paths)."""
     requests: list[str] = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -353,12 +359,8 @@ def test_plain_file_download_is_copied_under_its_url_name(server, tmp_path):
 
 
 @pytest.fixture
-def range_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path, list[str]]]:
+def range_server(served: Path) -> Iterator[tuple[str, Path, list[str]]]:
     """Like ``server`` but honouring ``Range: bytes=N-`` (206 + the tail); records the Range headers."""
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    served = tmp_path / "served"
-    served.mkdir()
     ranges: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
