@@ -277,7 +277,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log_review(
                 trainer.loggers,
                 OmegaConf.to_container(cfg, resolve=True),
-                _flatten_scores(report["results"]),
+                _flatten_scores(frame),
                 {"knn_results": frame},
                 images,
                 step=trainer.global_step,
@@ -316,13 +316,9 @@ def close_loggers(trainer: pl.Trainer) -> None:
             lg.experiment.finish()
 
 
-def _flatten_scores(results: dict[str, Any]) -> dict[str, float]:
-    return {
-        f"knn/{model}/{k}/{metric}": s["mean"]
-        for model, by_k in results.items()
-        for k, by_metric in by_k.items()
-        for metric, s in by_metric.items()
-    }
+def _flatten_scores(frame: pd.DataFrame) -> dict[str, float]:
+    """``knn/<model>/<k>/<metric>`` -> mean, from ``results_frame``'s rows."""
+    return {f"knn/{r.model}/{r.knn}/{r.metric}": r.mean for r in frame.itertuples(index=False)}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pretrain")
