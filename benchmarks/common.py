@@ -1,16 +1,24 @@
-"""Shared by the training benchmarks: compose the real pretraining config outside a Hydra run."""
+"""Shared by the training benchmarks: compose the real pretraining config outside a Hydra run, and run
+one training step the way the LightningModule does, piece by piece."""
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 import reddino.config  # noqa: F401  (resolvers)
+from reddino.data.datamodules import PretrainDataModule
+from reddino.ssl.module import DinoV2Module
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
+PIECES = ("data", "teacher_forward", "student_forward_loss", "backward", "optimizer", "ema")
 
 
 def pretrain_config(overrides: list[str]) -> DictConfig:
@@ -20,3 +28,57 @@ def pretrain_config(overrides: list[str]) -> DictConfig:
     with open_dict(cfg):
         cfg.paths.output_dir = tempfile.mkdtemp(prefix="reddino-bench-")
     return cfg
+
+
+def to_device(batch: Mapping[str, Any], datamodule: PretrainDataModule, device: torch.device) -> dict:
+    """Host batch -> device, then the datamodule's on-device transform (GPU-side augmentation, if any),
+    as Lightning does between the loader and ``training_step``."""
+    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return datamodule.on_after_batch_transfer(moved, 0)
+
+
+class StepRunner:
+    """One optimiser step of ``DinoV2Module`` outside Lightning: teacher targets, student losses, backward,
+    per-submodule clipping, AdamW and the EMA update, under bf16 autocast on CUDA when the trainer asks
+    for it (what ``bf16-mixed`` does). ``mark()`` is called after each piece so callers can time them."""
+
+    def __init__(self, module: DinoV2Module, global_batch: int, device: torch.device, bf16: bool) -> None:
+        self.module = module.to(device)
+        self.device = device
+        self.bf16 = bf16
+        module.schedules = module.build_schedules(global_batch)
+        self.optimizer = module.configure_optimizers()
+        module.on_train_start()
+
+    def autocast(self):
+        return torch.autocast(self.device.type, torch.bfloat16) if self.bf16 else nullcontext()
+
+    def losses(self, batch: Mapping[str, Any], step: int) -> torch.Tensor:
+        """Forward of teacher and student; returns the total loss (for FLOP counting without a step)."""
+        m = self.module
+        m._step_values = m.schedules.values(step)
+        with self.autocast():
+            cls_probs, patch_probs = m.teacher_targets(batch, m._step_values["teacher_temp"])
+            _, total, _ = m.student_losses(batch, cls_probs, patch_probs)
+        return total
+
+    def step(self, batch: Mapping[str, Any], step: int, mark: Callable[[], None] = lambda: None) -> None:
+        m = self.module
+        m._step_values = m.schedules.values(step)
+        with self.autocast():
+            cls_probs, patch_probs = m.teacher_targets(batch, m._step_values["teacher_temp"])
+            mark()
+            _, total, _ = m.student_losses(batch, cls_probs, patch_probs)
+            mark()
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        mark()
+        m.configure_gradient_clipping(self.optimizer)
+        self.optimizer.step()
+        mark()
+        m.ema_step()
+        mark()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

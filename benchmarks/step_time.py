@@ -15,15 +15,12 @@ import argparse
 import platform
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from datetime import date
 
 import torch
 
-from benchmarks.common import pretrain_config
+from benchmarks.common import PIECES, StepRunner, pretrain_config, to_device
 from reddino.pretrain import build_training
-
-PIECES = ("data", "teacher_forward", "student_forward_loss", "backward", "optimizer", "ema")
 
 
 def main() -> None:
@@ -41,43 +38,21 @@ def main() -> None:
 
     datamodule, module, _ = build_training(cfg)
     datamodule.setup("fit")
-    module.to(device)
-    module.schedules = module.build_schedules(datamodule.batch_size)
-    optimizer = module.configure_optimizers()
-    module.on_train_start()
+    runner = StepRunner(module, datamodule.batch_size, device, bf16)
     loader = iter(datamodule.train_dataloader())
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
     times: dict[str, list[float]] = defaultdict(list)
     for step in range(args.warmup + args.steps):
-        record = step >= args.warmup
         marks = [time.perf_counter()]
 
         def mark(marks=marks) -> None:
-            sync()
+            runner.sync()
             marks.append(time.perf_counter())
 
-        batch = next(loader)
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(next(loader), datamodule, device)
         mark()
-        module._step_values = module.schedules.values(step)
-        with torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext():
-            cls_probs, patch_probs = module.teacher_targets(batch, module._step_values["teacher_temp"])
-            mark()
-            _, total, _ = module.student_losses(batch, cls_probs, patch_probs)
-            mark()
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        mark()
-        module.configure_gradient_clipping(optimizer)
-        optimizer.step()
-        mark()
-        module.ema_step()
-        mark()
-        if record:
+        runner.step(batch, step, mark)
+        if step >= args.warmup:
             for name, start, end in zip(PIECES, marks[:-1], marks[1:], strict=True):
                 times[name].append(end - start)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -38,3 +39,26 @@ def test_augment_throughput_covers_both_pipelines_and_every_pixel_transform(tmp_
     assert all(float(r.split(":")[-1].split()[0]) > 0 for r in rates)
     per_transform = [line for line in out.splitlines() if "ms per 32px crop" in line]
     assert len(per_transform) >= 30 and any("CLAHE" in line for line in per_transform)
+
+
+def test_throughput_reports_both_modes_flops_and_the_split(tmp_path):
+    report = tmp_path / "throughput.json"
+    profile = tmp_path / "kernels.txt"
+    args = ["--steps", "2", "--warmup", "1", "--cached-batches", "2", "--json", str(report)]
+    args += ["--profile", str(profile), "--peak-tflops", "1.0"]
+    out = run_script("benchmarks.throughput", *args, *TINY, cache=tmp_path)
+    figures = json.loads(report.read_text())
+    assert figures["flops_per_step"] > 0 and figures["batch"] == 8
+    for mode in ("model", "loader"):
+        rate = figures["modes"][mode]
+        assert rate["images_per_s"] > 0 and 0 < rate["mfu"] == pytest.approx(rate["achieved_tflops"])
+        assert f"{mode:6s} step" in out
+    assert set(figures["modes"]["model"]["split_ms"]) == {
+        "data",
+        "teacher_forward",
+        "student_forward_loss",
+        "backward",
+        "optimizer",
+        "ema",
+    }
+    assert "aten::" in profile.read_text()

@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from pytorch_lightning.strategies import DDPStrategy
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from reddino.data.masking import assemble_batch
@@ -180,9 +181,11 @@ def test_ddp_multirun_job_keeps_one_run_directory(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP through Lightning needs 2 CUDA devices")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP through Lightning needs CUDA")
 def test_fsdp_run_trains_exports_and_reports(tmp_path):
-    """``trainer=fsdp`` end to end on 2 GPUs: sharded EMA and clipping, gathered export, k-NN report."""
+    """``trainer=fsdp`` end to end on the GPUs there are (2 at most): sharded EMA and clipping, gathered
+    export, k-NN report. One GPU still runs Lightning's FSDP wrapping, flat parameters and gathers."""
+    devices = min(2, torch.cuda.device_count())
     env = {**os.environ, "WANDB_SILENT": "true"}
     cmd = [
         sys.executable,
@@ -190,12 +193,14 @@ def test_fsdp_run_trains_exports_and_reports(tmp_path):
         "reddino.pretrain",
         "debug=fast",
         "trainer=fsdp",
-        "trainer.devices=2",
+        f"trainer.devices={devices}",
         f"paths.cache_dir={tmp_path / 'cache'}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["world_size"] == 2 and results["teacher_rank_difference"] is None
-    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+    assert results["world_size"] == devices and results["teacher_rank_difference"] is None
+    assert results["steps"] > 0
+    exported = load_file(tmp_path / "run" / "export" / "model.safetensors")
+    assert exported and not any("_orig_mod" in k or "_fsdp" in k for k in exported)

@@ -1,0 +1,85 @@
+"""The GPU fast path end to end (skipped without CUDA): bf16 autocast, TF32, flash attention, fused AdamW
+and compiled blocks train the embedded debug run, export clean timm weights, and give the losses of the
+plain fp32 path on the same batch up to bf16 rounding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from safetensors.torch import load_file
+
+from reddino.data.masking import assemble_batch
+from reddino.fast_path import FastPath, apply_global_switches, compile_blocks_, set_fused_attention_
+from reddino.pretrain import build_module
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_gpu_run_with_the_fast_path_trains_exports_and_reports(tmp_path):
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "reddino.pretrain",
+        "debug=fast",
+        "trainer=gpu",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compile_blocks=True" in done.stdout + done.stderr, "the fast path was not switched on"
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["steps"] > 0
+    exported = load_file(tmp_path / "run" / "export" / "model.safetensors")
+    assert exported and not any("_orig_mod" in k for k in exported)
+    assert all(torch.isfinite(v).all() for v in exported.values())
+
+
+@pytest.fixture
+def restore_tf32():
+    """``apply_global_switches`` is process-wide: leave later tests on full fp32 matmuls."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    torch.set_float32_matmul_precision(precision)
+
+
+def test_fast_path_losses_match_the_plain_fp32_path(make_cfg, restore_tf32):
+    cfg = make_cfg("debug=fast", "ssl.crops.global_size=56", "model.overrides.embed_dim=64")
+    size, device = cfg.ssl.crops.global_size, torch.device("cuda")
+    grid = (size // cfg.model.patch_size) ** 2
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.zeros(8, grid, dtype=torch.bool)
+    masks[:4, : grid // 3] = True
+    crops = torch.randn(8, 3, size, size, generator=generator)
+    batch = assemble_batch(crops, None, masks, 0, torch.arange(4))
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    losses = {}
+    for enabled in (False, True):
+        fast = FastPath.from_config({**cfg.fast_path, "enabled": enabled}, "gpu")
+        apply_global_switches(fast)
+        torch.manual_seed(0)
+        module = build_module(cfg, instantiate(cfg.model), fast)
+        set_fused_attention_(module, fast.fused_attention)
+        if fast.compile_blocks:
+            for nets in (module.student, module.teacher):
+                compile_blocks_(nets["backbone"])
+        module.to(device)
+        schedules = module.build_schedules(8).values(0)
+        with torch.autocast("cuda", torch.bfloat16, enabled=enabled):
+            cls_probs, patch_probs = module.teacher_targets(batch, schedules["teacher_temp"])
+            _, total, _ = module.student_losses(batch, cls_probs, patch_probs)
+        losses[enabled] = float(total)
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2), losses
