@@ -41,6 +41,9 @@ pretrain: $(STAMP) ## self-supervised pretraining (embedded default: synthetic s
 prepare: $(STAMP) ## real datasets under REDDINO_DATA_ROOT -> patches, cells, manifests + report; ARGS="..."
 	$(BIN)/reddino-prepare $(ARGS)
 
+pack: $(STAMP) ## prepared manifests + their smears -> a relocatable JPEG copy; ARGS="out=<dir>/prepared quality=60"
+	$(BIN)/reddino-pack $(ARGS)
+
 eval: $(STAMP) ## linear probe + k-NN + batch effects of a backbone vs baselines; ARGS="weights=<export dir> data=real eval=kfold"
 	$(BIN)/reddino-eval $(ARGS)
 
@@ -65,4 +68,4 @@ format: $(STAMP) ## ruff autofix and format
 clean: ## remove caches and run outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache outputs multirun
 
-.PHONY: help install lock eval prepare pretrain ablations figures test lint format clean
+.PHONY: help install lock eval prepare pack pretrain ablations figures test lint format clean

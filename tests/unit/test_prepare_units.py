@@ -216,7 +216,9 @@ def test_read_manifest_filters_and_errors(tmp_path):
     write_parquet_atomic(units, path)
     assert len(read_manifest(path, "cell", None, None, labelled_only=False)) == 2
     assert read_manifest(path, "cell", None, None, labelled_only=True)["label"].tolist() == ["normal"]
-    assert read_manifest(path, "cell", ["d2"], None, labelled_only=False)["file"].tolist() == ["b"]
+    # relative files resolve against the prepared folder (<prepared>/manifests/x.parquet -> <prepared>)
+    files = read_manifest(path, "cell", ["d2"], None, labelled_only=False)["file"].tolist()
+    assert files == [str(tmp_path.parent / "b")]
     with pytest.raises(ValueError, match="no source"):
         read_manifest(path, "cell", None, ["s9"], labelled_only=False)
     with pytest.raises(ValueError, match="no patch units left"):

@@ -1,13 +1,16 @@
 """The units table: one row per training/evaluation unit (a smear tile or a single cell).
 
 Every data source ends up here, so the DataModules never care where units came from. Columns:
-``file`` (absolute image path), ``x0, y0, x1, y1`` (pixel box, may extend past the image: crops pad),
+``file`` (image path: absolute, or in a prepared manifest relative to the prepared folder, as
+``reddino-pack`` writes them so that a packed copy works wherever it is unpacked),
+``x0, y0, x1, y1`` (pixel box, may extend past the image: crops pad),
 ``unit`` ("patch" | "cell"), ``source``, ``subject`` (slide/patient id, globally unique), ``label``
 (class name, or None for unlabelled units).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -128,6 +131,24 @@ def _cell_crops(
     )
 
 
+def prepared_root(manifest: str | Path) -> Path:
+    """The prepared folder a manifest belongs to: ``<prepared>/manifests/x.parquet`` -> ``<prepared>``."""
+    return Path(manifest).absolute().parent.parent
+
+
+def resolve_files(files: pd.Series, root: str | Path) -> pd.Series:
+    """Relative ``file`` entries joined onto ``root``; absolute ones are returned unchanged.
+
+    Relative entries come from a packed, relocatable copy (``reddino-pack``); resolving them here means
+    every reader of a manifest (DataModules, evaluation, reports) sees absolute paths.
+    """
+    relative = ~files.map(os.path.isabs)
+    if not relative.any():
+        return files
+    mapping = {f: str(Path(root) / f) for f in files[relative].unique()}
+    return files.where(~relative, files.map(mapping))
+
+
 def read_manifest(
     path: str | Path,
     unit: str,
@@ -138,8 +159,9 @@ def read_manifest(
     """Units of one kind from a prepared manifest (``reddino-prepare``), optionally filtered.
 
     ``datasets``/``sources`` keep only those catalog names / source ids (None = all); ``labelled_only``
-    drops units without a label (evaluation). Raises naming the file when it is missing or the filter
-    leaves nothing.
+    drops units without a label (evaluation). A relative ``file`` is resolved against the prepared folder
+    (``prepared_root``), so a packed copy can be moved. Raises naming the file when it is missing or the
+    filter leaves nothing; a missing image raises at load time naming its resolved path.
     """
     path = Path(path)
     if not path.is_file():
@@ -159,4 +181,5 @@ def read_manifest(
     table = table[keep].reset_index(drop=True)
     if table.empty:
         raise ValueError(f"{path}: no {unit} units left (datasets={datasets}, sources={sources})")
+    table["file"] = resolve_files(table["file"], prepared_root(path))
     return validate_units(table)
