@@ -76,10 +76,13 @@ def build_training(cfg: DictConfig) -> tuple[PretrainDataModule, DinoV2Module, t
     fast = FastPath.from_config(cfg.fast_path, cfg.trainer.accelerator)
     apply_global_switches(fast)
     log.info("fast path: %s", fast)
+    transform = instantiate(cfg.augment)
     datamodule = instantiate(
         cfg.data.loader,
         units=instantiate(cfg.data.pretrain_units),
-        transform=instantiate(cfg.augment),
+        transform=transform,
+        # augment.pixel_ops_device: gpu -> the pixel ops + normalisation run on the device after the copy
+        gpu_transform=transform.device_transform(),
         collate_fn=build_collator(cfg),
         pin_memory=cfg.data.loader.pin_memory or fast.pin_memory,
     )

@@ -24,6 +24,7 @@ def test_groups_exist():
         assert options(group), f"conf/{group} is empty"
     assert {"reddino", "dinov2", "dinobloom"} <= set(options("ssl"))
     assert {"vit_tiny", "vit_s14", "vit_b14", "vit_l14", "vit_g14"} <= set(options("model"))
+    assert {"reddino", "reddino_gpu", "dinov2"} <= set(options("augment"))
 
 
 @pytest.mark.parametrize(

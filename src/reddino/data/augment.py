@@ -30,6 +30,8 @@ from albumentations.augmentations.blur import functional as fblur
 from albumentations.core.composition import BaseCompose
 from albumentations.pytorch import ToTensorV2
 
+from reddino.data.gpu_augment import RedDinoGpuPixelOps
+
 # Weight of each pixel transform inside SomeOfWithReplacement. RedDino built every transform with
 # p=0.85; under 1.3.1 SomeOf semantics p only weights the draw (equal for all -> uniform draw) and the
 # drawn transform is force-applied, so the value itself never acts as a probability.
@@ -374,8 +376,14 @@ class _MultiCrop:
         for view, view_seed in zip(views, root.spawn(len(views)), strict=True):
             seed_independently(view, view_seed)
 
+    def device_transform(self) -> RedDinoGpuPixelOps | None:
+        """The part of the augmentation that runs on the training device after the batch is moved there
+        (``PretrainDataModule.gpu_transform``); None when everything happens in the loader."""
+        return None
+
     def __call__(self, image: np.ndarray) -> dict[str, list[torch.Tensor]]:
-        """HxWx3 uint8 RGB -> {"global_crops": [3xGxG float32], "local_crops": [3xLxL float32]}."""
+        """HxWx3 uint8 RGB -> {"global_crops": [3xGxG], "local_crops": [3xLxL]}: normalised float32, or
+        raw uint8 when the pixel ops run on the device (:meth:`device_transform`)."""
         _check_image(image)
         base = self._prepare(image=image)["image"] if self._prepare is not None else image
         return {
@@ -402,7 +410,16 @@ class RedDinoAugmentation(_MultiCrop):
     in 2.x): MotionBlur kernel shapes, RandomRain drop count, RandomShadow darkening (RGB instead of
     HLS lightness), RandomSunFlare rendering; GaussNoise draws its std uniformly where 1.3.1 drew the
     variance. RandomFog and GaussianBlur do follow 1.3.1 (:class:`RandomFog131`, :class:`GaussianBlur131`).
+
+    ``pixel_ops_device``: "cpu" runs everything above here. "gpu" moves the colour/pixel ops and the
+    normalisation to the training device: the views are only cropped, flipped and rotated and come out
+    as uint8 CHW tensors, and :meth:`device_transform` builds the batched torch pool
+    (:class:`reddino.data.gpu_augment.RedDinoGpuPixelOps`) that ``PretrainDataModule`` applies after the
+    host-to-device copy. The pixel ops then see the views after the flips and rotations (only the
+    position-dependent ones, RandomSunFlare, RandomShadow and RandomRain, notice).
     """
+
+    PIXEL_OPS_DEVICES = ("cpu", "gpu")
 
     def __init__(
         self,
@@ -418,16 +435,28 @@ class RedDinoAugmentation(_MultiCrop):
         mean: Sequence[float],
         std: Sequence[float],
         seed: int | None,
+        pixel_ops_device: str = "cpu",  # conf/augment always sets it; the default keeps direct callers
     ):
         if n_global < 1 or n_local < 0:
             raise ValueError(f"need n_global >= 1 and n_local >= 0, got {n_global} and {n_local}")
+        if pixel_ops_device not in self.PIXEL_OPS_DEVICES:
+            raise ValueError(
+                f"pixel_ops_device must be one of {self.PIXEL_OPS_DEVICES}, got {pixel_ops_device!r}"
+            )
         names = [str(name) for name in pixel_transforms]
         _check_pixel_names(names)
         self.n_pixel_ops = n_pixel_ops
         self.pixel_transform_names = tuple(names)
+        self.pixel_ops_device = pixel_ops_device
+        self._mean = _as_triple(mean, "mean")
+        self._std = _as_triple(std, "std")
+        self._seed = seed
         g_scale = _as_pair(global_scale, "global_scale")
         l_scale = _as_pair(local_scale, "local_scale")
-        finish = _reddino_finish(flip_p, _as_triple(mean, "mean"), _as_triple(std, "std"))
+        if pixel_ops_device == "gpu":
+            finish = _geometry_only(flip_p)
+        else:
+            finish = _reddino_finish(flip_p, self._mean, self._std)
         super().__init__(
             prepare=A.Compose([A.Resize(global_size, global_size, interpolation=cv2.INTER_LINEAR)]),
             global_views=[self._view(global_size, g_scale, finish) for _ in range(n_global)],
@@ -441,10 +470,25 @@ class RedDinoAugmentation(_MultiCrop):
         crop = A.RandomResizedCrop(
             size=(size, size), scale=scale, ratio=(3 / 4, 4 / 3), interpolation=cv2.INTER_LINEAR, p=1.0
         )
+        if self.pixel_ops_device == "gpu":
+            return A.Compose([crop, *finish()])
         pixel = SomeOfWithReplacement(
             reddino_pixel_transforms(self.pixel_transform_names), n=self.n_pixel_ops
         )
         return A.Compose([crop, pixel, *finish()])
+
+    def device_transform(self) -> RedDinoGpuPixelOps | None:
+        """With ``pixel_ops_device: gpu``, a fresh batched pool with this augmentation's ops, count,
+        normalisation and seed; None otherwise."""
+        if self.pixel_ops_device != "gpu":
+            return None
+        return RedDinoGpuPixelOps(
+            pixel_transforms=self.pixel_transform_names,
+            n_pixel_ops=self.n_pixel_ops,
+            mean=self._mean,
+            std=self._std,
+            seed=self._seed,
+        )
 
 
 def _reddino_finish(
@@ -458,6 +502,20 @@ def _reddino_finish(
             A.VerticalFlip(p=flip_p),
             A.RandomRotate90(p=flip_p),
             A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
+            ToTensorV2(),
+        ]
+
+    return build
+
+
+def _geometry_only(flip_p: float) -> Callable[[], list[A.BasicTransform]]:
+    """Factory of flips/rot90 and a uint8 CHW tensor: the loader's share with ``pixel_ops_device: gpu``."""
+
+    def build() -> list[A.BasicTransform]:
+        return [
+            A.HorizontalFlip(p=flip_p),
+            A.VerticalFlip(p=flip_p),
+            A.RandomRotate90(p=flip_p),
             ToTensorV2(),
         ]
 

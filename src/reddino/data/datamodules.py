@@ -50,7 +50,13 @@ class PretrainDataModule(pl.LightningDataModule):
     The unit order comes from an ``EpochSampler`` (seeded, split over DDP ranks by itself: the trainer
     runs with ``use_distributed_sampler: false``). On resume from a mid-epoch checkpoint the loader starts
     after the batches the restored run had already consumed, so the order continues where it stopped.
+
+    ``gpu_transform`` (``augment=reddino_gpu``): applied on the training device to every crop tensor of a
+    batch right after the host-to-device copy (:meth:`on_after_batch_transfer`), so the loader workers
+    only crop and flip. None: batches arrive as the loader made them.
     """
+
+    CROP_KEYS = ("global_crops", "local_crops")
 
     def __init__(
         self,
@@ -64,11 +70,13 @@ class PretrainDataModule(pl.LightningDataModule):
         image_cache_size: int,
         source_weighting: str,
         seed: int,
+        gpu_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.units = units
         self.weights = source_weights(units["source"], source_weighting)
         self.transform = transform
+        self.gpu_transform = gpu_transform
         self.collate_fn = collate_fn
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -104,6 +112,19 @@ class PretrainDataModule(pl.LightningDataModule):
             collate_fn=self.collate_fn,
             worker_init_fn=reseed_worker,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Apply ``gpu_transform`` to the global and local crops on the device (no-op without one).
+
+        Needs no trainer: benchmarks call it themselves after moving a batch to the device.
+        """
+        if self.gpu_transform is None:
+            return batch
+        for key in self.CROP_KEYS:
+            crops = batch.get(key)
+            if crops is not None:
+                batch[key] = self.gpu_transform(crops)
+        return batch
 
 
 class LabelledDataModule(pl.LightningDataModule):
