@@ -286,3 +286,15 @@ def test_collator_generator_setup_follows_reference():
     assert (gen.height, gen.width) == (16, 12)
     assert gen.max_num_patches == 96 and gen.min_num_patches == 4
     assert gen.log_aspect_ratio == pytest.approx((math.log(0.3), math.log(1 / 0.3)))
+
+
+def test_uint8_crops_stay_uint8_and_float_crops_become_float32():
+    """Device-side pixel ops get uint8 batches (a quarter of the bytes); CPU-pipeline crops are float."""
+    samples = make_samples(4, 2)
+    as_uint8 = [
+        {**s, "global_crops": [c.to(torch.uint8) for c in s["global_crops"]], "local_crops": []}
+        for s in samples
+    ]
+    batch = make_collator()(as_uint8)
+    assert batch["global_crops"].dtype == torch.uint8 and batch["local_crops"] is None
+    assert make_collator()(samples)["global_crops"].dtype == torch.float32

@@ -835,8 +835,8 @@ def pixel_ops(names: Sequence[str]) -> list[PixelOp]:
 class RedDinoGpuPixelOps:
     """RedDino's colour/pixel pool + ImageNet normalisation on whole batches of crops, on their device.
 
-    Input: (N, 3, H, W) raw pixel values, uint8 or float holding 0-255 (the SSL collator turns the
-    loader's uint8 crops into float). Output: float32, normalised with ``mean``/``std``. Each view
+    Input: (N, 3, H, W) raw pixel values, uint8 or float holding 0-255 (the SSL collator keeps the
+    loader's uint8 crops as uint8). Output: float32, normalised with ``mean``/``std``. Each view
     draws ``n_pixel_ops`` ops uniformly with replacement from ``pixel_transforms``; all ops are applied.
 
     Randomness comes from one ``torch.Generator`` per device, seeded from ``seed`` (plus the DDP rank,
