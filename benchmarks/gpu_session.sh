@@ -6,9 +6,9 @@
 #                           umap-learn, pynndescent (W&B is not needed: logger=csv)
 #   .gpu_data/prepared/     `reddino-pack quality=60 out=.gpu_data/prepared` of the three shared datasets
 # Phases (one command each, under 10 minutes):
-#   bash benchmarks/gpu_session.sh tests        GPU tests (fast path, FSDP) + ViT-S throughput, plain vs fast
-#   bash benchmarks/gpu_session.sh pretrain     ViT-S from scratch on all patches, then Chula 5-fold eval
-#   bash benchmarks/gpu_session.sh scale        ViT-B throughput + GPU-side augmentation end to end
+#   bash benchmarks/gpu_session.sh tests        GPU tests: the fast path end to end, FSDP through Lightning
+#   bash benchmarks/gpu_session.sh throughput   ViT-S and ViT-B, model-bound and end to end, GPU-side augment
+#   STEPS=N bash benchmarks/gpu_session.sh pretrain   ViT-S from scratch on all patches, Chula 5-fold eval
 # Everything lands in $OUT (logs, JSON figures, results.json of the run and of the evaluation).
 set -uo pipefail
 phase=${1:?usage: gpu_session.sh tests|pretrain|scale}
@@ -18,6 +18,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true
 export REDDINO_CACHE_DIR=$PWD/.gpu_data
+# the [masked patches, 131072] iBOT tensors are ~11 GB each: without expandable segments the caching
+# allocator fragmented 42 GB on a ViT-S batch of 280 and ran out of memory (first attempt, 2026-11-22)
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 WORKERS=${WORKERS:-14}   # loader workers: 16 cores less the main process and the compile workers
 REAL=(data=real "data.pretrain_units.datasets=[bccd,txl_pbc,chula_rbc12]"
   "data.loader.num_workers=$WORKERS" logger=csv)
@@ -37,30 +40,32 @@ case $phase in
 tests)
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/integration/test_gpu.py \
     tests/integration/test_ddp.py::test_fsdp_run_trains_exports_and_reports 2>&1 | tail -25 | tee -a "$log"
-  bench vit_s --steps 30 --warmup 10 --profile "$OUT/vit_s_kernels.txt" experiment=reddino_s "${REAL[@]}"
-  bench vit_s_plain --modes model --steps 20 --warmup 5 experiment=reddino_s "${REAL[@]}" fast_path.enabled=false
+  ;;
+throughput)
+  bench vit_s --steps 20 --warmup 6 --profile "$OUT/vit_s_kernels.txt" experiment=reddino_s "${REAL[@]}"
+  bench vit_b --modes model --steps 12 --warmup 4 --profile "$OUT/vit_b_kernels.txt" experiment=reddino_b \
+    "${REAL[@]}"
+  bench vit_s_gpu_augment --modes loader --steps 20 --warmup 6 experiment=reddino_s "${REAL[@]}" \
+    augment=reddino_gpu
+  bench vit_s_plain --modes model --steps 10 --warmup 3 experiment=reddino_s "${REAL[@]}" fast_path.enabled=false
   ;;
 pretrain)
-  STEPS=${STEPS:?set STEPS from the end-to-end rate of the tests phase}
+  STEPS=${STEPS:?set STEPS from the end-to-end rate of the throughput phase}
   run=/tmp/pretrain_vit_s
   echo "=== pretrain ViT-S/14 from scratch, $STEPS steps" | tee -a "$log"
-  timeout 420 python3 -m reddino.pretrain experiment=reddino_s "${REAL[@]}" "ssl.optim.epochs=1" "ssl.optim.epoch_length=$STEPS" \
-    ${PRETRAIN_ARGS:-} "+trainer.max_time=00:00:05:45" trainer.log_every_n_steps=10 \
-    report.max_units=null "hydra.run.dir=$run" 2>&1 | grep -v -e Warning -e warn | tail -40 | tee -a "$log"
+  timeout 360 python3 -m reddino.pretrain experiment=reddino_s "${REAL[@]}" "ssl.optim.epochs=1" \
+    "ssl.optim.epoch_length=$STEPS" ${PRETRAIN_ARGS:-} "+trainer.max_time=${MAX_TIME:-00:00:03:30}" \
+    trainer.log_every_n_steps=10 report.figures.enabled=false "hydra.run.dir=$run" 2>&1 \
+    | grep -v -e Warning -e warn | tail -30 | tee -a "$log"
   cp "$run/results.json" "$OUT/pretrain_results.json"
   cp "$run/csv/metrics.csv" "$OUT/pretrain_metrics.csv"
   cp "$run/config.yaml" "$OUT/pretrain_config.yaml"
   echo "=== Chula RBC-12 5-fold (grouped by image): teacher vs random init vs morphometrics" | tee -a "$log"
   timeout 240 python3 -m reddino.evaluate "weights=$run/export" data=real logger=csv progress=false \
-    "features.num_workers=$WORKERS" probes.linear.device=cuda hydra.run.dir=/tmp/eval_chula 2>&1 \
-    | grep -v -e Warning -e warn | tail -30 | tee -a "$log"
+    "features.num_workers=$WORKERS" probes.linear.device=cuda umap.enabled=false \
+    hydra.run.dir=/tmp/eval_chula 2>&1 | grep -v -e Warning -e warn | tail -20 | tee -a "$log"
   cp /tmp/eval_chula/results.json "$OUT/eval_results.json"
   cp /tmp/eval_chula/results.md "$OUT/eval_results.md" 2>/dev/null
-  ;;
-scale)
-  bench vit_b --steps 20 --warmup 8 --profile "$OUT/vit_b_kernels.txt" experiment=reddino_b "${REAL[@]}"
-  bench vit_s_gpu_augment --modes loader --steps 30 --warmup 10 experiment=reddino_s "${REAL[@]}" augment=reddino_gpu
-  bench vit_s_dinov2_augment --modes loader --steps 30 --warmup 10 experiment=reddino_s "${REAL[@]}" augment=dinov2
   ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac

@@ -212,7 +212,7 @@ def test_koleo_is_finite_for_duplicates_and_has_gradients():
 
 
 def test_koleo_runs_in_float32_under_autocast():
-    x = torch.randn(6, 8)
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         out = koleo_loss(x.bfloat16(), 1e-4)
     assert out.dtype == torch.float32

@@ -158,25 +158,28 @@ class DinoV2Module(pl.LightningModule):
         return nets["ibot_head"] if "ibot_head" in nets else nets["dino_head"]
 
     def teacher_targets(self, batch: Mapping[str, Any], teacher_temp: float) -> tuple[Tensor, Tensor]:
-        """Teacher CLS and masked-patch target distributions on the unmasked global crops."""
-        if not self.teacher_inference_mode or self.fsdp_root() is not None:  # FSDP gathers need autograd-
-            with torch.no_grad():  # visible (non-inference) tensors
-                return self._teacher_targets(batch, teacher_temp)
-        with torch.inference_mode():
-            cls_probs, patch_probs = self._teacher_targets(batch, teacher_temp)
-        # inference tensors cannot be saved for the student's backward: one cheap copy of the targets
-        return cls_probs.clone(), patch_probs.clone()
+        """Teacher CLS and masked-patch target distributions on the unmasked global crops.
 
-    def _teacher_targets(self, batch: Mapping[str, Any], teacher_temp: float) -> tuple[Tensor, Tensor]:
+        The teacher forward runs under ``inference_mode`` on the fast path; the centering then runs under
+        ``no_grad`` and writes fresh tensors, which the student's backward may save (inference tensors
+        cannot be saved, and copying [M, 131072] targets would cost ~11 GB on a ViT-S batch).
+        """
+        inference = self.teacher_inference_mode and self.fsdp_root() is None  # FSDP gathers need autograd-
+        with torch.inference_mode() if inference else torch.no_grad():  # visible (non-inference) tensors
+            cls_logits, patch_logits = self._teacher_logits(batch)
+        with torch.no_grad():
+            n_masked = all_reduce_sum_(batch["n_masked_patches"].detach().clone().to(patch_logits.device))
+            cls_probs = self.dino_centering.targets(cls_logits, teacher_temp)
+            patch_probs = self.ibot_centering.targets(patch_logits, teacher_temp, n_samples_total=n_masked)
+        return cls_probs, patch_probs
+
+    def _teacher_logits(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """Head outputs (autocast dtype) for the CLS tokens and the patches the student sees masked."""
         self.teacher.eval()
         out = forward_tokens(self.teacher["backbone"], batch["global_crops"])
-        cls_logits = self.teacher["dino_head"](out.cls).float()
+        cls_logits = self.teacher["dino_head"](out.cls)
         patches = out.patches.flatten(0, 1)[batch["mask_indices"]]
-        patch_logits = self.ibot_head(self.teacher)(patches).float()
-        n_masked_total = all_reduce_sum_(batch["n_masked_patches"].detach().clone().to(patch_logits.device))
-        cls_probs = self.dino_centering.targets(cls_logits, teacher_temp)
-        patch_probs = self.ibot_centering.targets(patch_logits, teacher_temp, n_samples_total=n_masked_total)
-        return cls_probs, patch_probs
+        return cls_logits, self.ibot_head(self.teacher)(patches)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         cls_probs, patch_probs = self.teacher_targets(batch, self._step_values["teacher_temp"])
