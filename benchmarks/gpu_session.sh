@@ -50,6 +50,7 @@ throughput)
   bench vit_s_plain --modes model --steps 10 --warmup 3 experiment=reddino_s "${REAL[@]}" fast_path.enabled=false
   ;;
 pretrain)
+  bench vit_s_loader --modes loader --steps 10 --warmup 4 experiment=reddino_s "${REAL[@]}"
   STEPS=${STEPS:?set STEPS from the end-to-end rate of the throughput phase}
   run=/tmp/pretrain_vit_s
   echo "=== pretrain ViT-S/14 from scratch, $STEPS steps" | tee -a "$log"
@@ -61,7 +62,7 @@ pretrain)
   cp "$run/csv/metrics.csv" "$OUT/pretrain_metrics.csv"
   cp "$run/config.yaml" "$OUT/pretrain_config.yaml"
   echo "=== Chula RBC-12 5-fold (grouped by image): teacher vs random init vs morphometrics" | tee -a "$log"
-  timeout 240 python3 -m reddino.evaluate "weights=$run/export" data=real logger=csv progress=false \
+  timeout ${EVAL_TIMEOUT:-240} python3 -m reddino.evaluate "weights=$run/export" data=real logger=csv progress=false \
     "features.num_workers=$WORKERS" probes.linear.device=cuda umap.enabled=false \
     hydra.run.dir=/tmp/eval_chula 2>&1 | grep -v -e Warning -e warn | tail -20 | tee -a "$log"
   cp /tmp/eval_chula/results.json "$OUT/eval_results.json"

@@ -54,6 +54,12 @@ def count_step_flops(runner: StepRunner, batch: dict) -> int:
     return int(counter.get_total_flops())
 
 
+def endless(datamodule):
+    """Host batches epoch after epoch (a small dataset runs out within the timed steps)."""
+    while True:
+        yield from datamodule.train_dataloader()
+
+
 def timed_steps(runner: StepRunner, batches, steps: int, first_step: int) -> tuple[float, float]:
     """Seconds for ``steps`` steps (synchronised only at both ends) and the seconds spent waiting for data."""
     waiting = 0.0
@@ -126,8 +132,9 @@ def main() -> None:
     datamodule, module, _ = build_training(uncompiled)
     datamodule.setup("fit")
     runner = StepRunner(module, datamodule.batch_size, device, bf16)
-    loader = iter(datamodule.train_dataloader())
-    cached = [to_device(next(loader), datamodule, device) for _ in range(args.cached_batches)]
+    first = iter(datamodule.train_dataloader())
+    cached = [to_device(next(first), datamodule, device) for _ in range(args.cached_batches)]
+    del first
     flops = count_step_flops(runner, cached[0])
     if fast.compile_blocks:
         for nets in (module.student, module.teacher):
@@ -161,7 +168,7 @@ def main() -> None:
         if mode == "model":
             batches = itertools.cycle(cached)
         else:
-            batches = (to_device(b, datamodule, device) for b in loader)
+            batches = (to_device(b, datamodule, device) for b in endless(datamodule))
         timed_steps(runner, batches, args.warmup, step)  # compilation, worker start-up, allocator
         step += args.warmup
         if device.type == "cuda":
