@@ -17,6 +17,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from pretrain_cli import run_pretrain
 from pytorch_lightning.strategies import DDPStrategy
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -186,19 +187,7 @@ def test_fsdp_run_trains_exports_and_reports(tmp_path):
     """``trainer=fsdp`` end to end on the GPUs there are (2 at most): sharded EMA and clipping, gathered
     export, k-NN report. One GPU still runs Lightning's FSDP wrapping, flat parameters and gathers."""
     devices = min(2, torch.cuda.device_count())
-    env = {**os.environ, "WANDB_SILENT": "true"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "reddino.pretrain",
-        "debug=fast",
-        "trainer=fsdp",
-        f"trainer.devices={devices}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-    ]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_pretrain(tmp_path, "debug=fast", "trainer=fsdp", f"trainer.devices={devices}")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["world_size"] == devices and results["teacher_rank_difference"] is None
     assert results["steps"] > 0

@@ -5,13 +5,11 @@ plain fp32 path on the same batch up to bf16 rounding."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hydra.utils import instantiate
+from pretrain_cli import run_pretrain
 from safetensors.torch import load_file
 
 from reddino.data.masking import assemble_batch
@@ -26,18 +24,7 @@ pytestmark = [
 
 
 def test_gpu_run_with_the_fast_path_trains_exports_and_reports(tmp_path):
-    env = {**os.environ, "WANDB_SILENT": "true"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "reddino.pretrain",
-        "debug=fast",
-        "trainer=gpu",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-    ]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_pretrain(tmp_path, "debug=fast", "trainer=gpu")
     assert "compile_blocks=True" in done.stdout + done.stderr, "the fast path was not switched on"
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["steps"] > 0
