@@ -163,3 +163,13 @@ def test_build_centering():
     assert isinstance(ma, MovingAverageCentering) and ma.center.shape == (1, 1, 8)
     with pytest.raises(ValueError, match="unknown centering"):
         build_centering("softmax", 8, 3, 0.9, patch=False)
+
+
+def test_sinkhorn_stays_float32_under_bf16_autocast():
+    """The scaling-vector products are matmuls: a caller's autocast must not run them in bf16."""
+    logits = torch.randn(64, 512, generator=torch.Generator().manual_seed(3)) * 3
+    expected = sinkhorn_knopp(logits, 0.04, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sinkhorn_knopp(logits, 0.04, 3)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
