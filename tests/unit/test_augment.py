@@ -85,6 +85,7 @@ def reddino(
         mean=MEAN,
         std=STD,
         seed=seed,
+        pixel_ops_device="cpu",
     )
     kwargs.update(overrides)
     return RedDinoAugmentation(**kwargs)

@@ -435,7 +435,7 @@ class RedDinoAugmentation(_MultiCrop):
         mean: Sequence[float],
         std: Sequence[float],
         seed: int | None,
-        pixel_ops_device: str = "cpu",  # conf/augment always sets it; the default keeps direct callers
+        pixel_ops_device: str,
     ):
         if n_global < 1 or n_local < 0:
             raise ValueError(f"need n_global >= 1 and n_local >= 0, got {n_global} and {n_local}")
