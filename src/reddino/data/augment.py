@@ -453,10 +453,7 @@ class RedDinoAugmentation(_MultiCrop):
         self._seed = seed
         g_scale = _as_pair(global_scale, "global_scale")
         l_scale = _as_pair(local_scale, "local_scale")
-        if pixel_ops_device == "gpu":
-            finish = _geometry_only(flip_p)
-        else:
-            finish = _reddino_finish(flip_p, self._mean, self._std)
+        finish = _reddino_finish(flip_p, None if pixel_ops_device == "gpu" else (self._mean, self._std))
         super().__init__(
             prepare=A.Compose([A.Resize(global_size, global_size, interpolation=cv2.INTER_LINEAR)]),
             global_views=[self._view(global_size, g_scale, finish) for _ in range(n_global)],
@@ -492,32 +489,18 @@ class RedDinoAugmentation(_MultiCrop):
 
 
 def _reddino_finish(
-    flip_p: float, mean: tuple[float, float, float], std: tuple[float, float, float]
+    flip_p: float, normalise: tuple[tuple[float, float, float], tuple[float, float, float]] | None
 ) -> Callable[[], list[A.BasicTransform]]:
-    """Factory of fresh (unshared) geometric + normalisation transforms for one RedDino view."""
+    """Factory of fresh (unshared) geometric transforms for one RedDino view, then the ImageNet
+    normalisation (``normalise`` = (mean, std)) or, with None, none: uint8 CHW out, the loader's share
+    with ``pixel_ops_device: gpu``."""
 
     def build() -> list[A.BasicTransform]:
-        return [
-            A.HorizontalFlip(p=flip_p),
-            A.VerticalFlip(p=flip_p),
-            A.RandomRotate90(p=flip_p),
-            A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
-            ToTensorV2(),
-        ]
-
-    return build
-
-
-def _geometry_only(flip_p: float) -> Callable[[], list[A.BasicTransform]]:
-    """Factory of flips/rot90 and a uint8 CHW tensor: the loader's share with ``pixel_ops_device: gpu``."""
-
-    def build() -> list[A.BasicTransform]:
-        return [
-            A.HorizontalFlip(p=flip_p),
-            A.VerticalFlip(p=flip_p),
-            A.RandomRotate90(p=flip_p),
-            ToTensorV2(),
-        ]
+        flips = [A.HorizontalFlip(p=flip_p), A.VerticalFlip(p=flip_p), A.RandomRotate90(p=flip_p)]
+        if normalise is None:
+            return [*flips, ToTensorV2()]
+        mean, std = normalise
+        return [*flips, A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
 
     return build
 
