@@ -4,7 +4,9 @@ one training step the way the LightningModule does, piece by piece."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -82,3 +84,28 @@ class StepRunner:
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def endless(datamodule: PretrainDataModule) -> Iterator[dict]:
+    """Host batches epoch after epoch (a small dataset runs out within the timed steps)."""
+    while True:
+        yield from datamodule.train_dataloader()
+
+
+def split_steps(runner: StepRunner, batches: Iterator[dict], steps: int, first_step: int) -> dict[str, float]:
+    """Milliseconds per piece (``PIECES``) averaged over ``steps`` steps, synchronising after each piece;
+    "data" is the wait for the next device batch."""
+    times: dict[str, float] = defaultdict(float)
+    for step in range(first_step, first_step + steps):
+        marks = [time.perf_counter()]
+
+        def mark(marks=marks) -> None:
+            runner.sync()
+            marks.append(time.perf_counter())
+
+        batch = next(batches)
+        mark()
+        runner.step(batch, step, mark)
+        for name, start, end in zip(PIECES, marks[:-1], marks[1:], strict=True):
+            times[name] += 1000 * (end - start) / steps
+    return dict(times)

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
-from collections import defaultdict
 from datetime import date
 
 import torch
 
-from benchmarks.common import PIECES, StepRunner, pretrain_config, to_device
+from benchmarks.common import PIECES, StepRunner, endless, pretrain_config, split_steps, to_device
 from reddino.pretrain import build_training
 
 
@@ -39,30 +37,17 @@ def main() -> None:
     datamodule, module, _ = build_training(cfg)
     datamodule.setup("fit")
     runner = StepRunner(module, datamodule.batch_size, device, bf16)
-    loader = iter(datamodule.train_dataloader())
-
-    times: dict[str, list[float]] = defaultdict(list)
-    for step in range(args.warmup + args.steps):
-        marks = [time.perf_counter()]
-
-        def mark(marks=marks) -> None:
-            runner.sync()
-            marks.append(time.perf_counter())
-
-        batch = to_device(next(loader), datamodule, device)
-        mark()
-        runner.step(batch, step, mark)
-        if step >= args.warmup:
-            for name, start, end in zip(PIECES, marks[:-1], marks[1:], strict=True):
-                times[name].append(end - start)
+    batches = (to_device(b, datamodule, device) for b in endless(datamodule))
+    split_steps(runner, batches, args.warmup, 0)
+    times = split_steps(runner, batches, args.steps, args.warmup)
 
     images = datamodule.batch_size
-    step_ms = 1000 * sum(sum(v) for v in times.values()) / args.steps
+    step_ms = sum(times.values())
     print(f"# step time, {device} ({platform.processor() or platform.machine()}), {date.today()}")
     print(f"overrides: {args.overrides}; batch {images} units x {cfg.ssl.crops.n_global} global crops")
     print(f"threads {torch.get_num_threads()}, loader workers {cfg.data.loader.num_workers}")
     for name in PIECES:
-        ms = 1000 * sum(times[name]) / args.steps
+        ms = times[name]
         print(f"  {name:22s} {ms:9.1f} ms  {100 * ms / step_ms:5.1f} %")
     print(f"  {'total':22s} {step_ms:9.1f} ms  ({1000 * images / step_ms:.1f} units/s)")
 

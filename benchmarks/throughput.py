@@ -24,14 +24,13 @@ import itertools
 import json
 import platform
 import time
-from collections import defaultdict
 from datetime import date
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import PIECES, StepRunner, pretrain_config, to_device
+from benchmarks.common import StepRunner, endless, pretrain_config, split_steps, to_device
 from reddino.fast_path import FastPath, compile_blocks_
 from reddino.pretrain import build_training
 
@@ -54,12 +53,6 @@ def count_step_flops(runner: StepRunner, batch: dict) -> int:
     return int(counter.get_total_flops())
 
 
-def endless(datamodule):
-    """Host batches epoch after epoch (a small dataset runs out within the timed steps)."""
-    while True:
-        yield from datamodule.train_dataloader()
-
-
 def timed_steps(runner: StepRunner, batches, steps: int, first_step: int) -> tuple[float, float]:
     """Seconds for ``steps`` steps (synchronised only at both ends) and the seconds spent waiting for data."""
     waiting = 0.0
@@ -72,24 +65,6 @@ def timed_steps(runner: StepRunner, batches, steps: int, first_step: int) -> tup
         runner.step(batch, step)
     runner.sync()
     return time.perf_counter() - start, waiting
-
-
-def split_steps(runner: StepRunner, batches, steps: int, first_step: int) -> dict[str, float]:
-    """Milliseconds per piece, synchronising after each (slightly slower than ``timed_steps``)."""
-    times: dict[str, float] = defaultdict(float)
-    for step in range(first_step, first_step + steps):
-        marks = [time.perf_counter()]
-
-        def mark(marks=marks) -> None:
-            runner.sync()
-            marks.append(time.perf_counter())
-
-        next_batch = next(batches)
-        mark()
-        runner.step(next_batch, step, mark)
-        for name, start, end in zip(PIECES, marks[:-1], marks[1:], strict=True):
-            times[name] += 1000 * (end - start) / steps
-    return dict(times)
 
 
 def profile_kernels(runner: StepRunner, batches, steps: int, first_step: int, path: Path) -> None:
