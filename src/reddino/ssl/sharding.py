@@ -32,11 +32,6 @@ def fsdp_wrap_policy() -> ModuleWrapPolicy:
     return ModuleWrapPolicy({Block, DINOHead})
 
 
-def find_fsdp_root(module: nn.Module) -> FSDP | None:
-    """The outermost FSDP unit above ``module``'s parameters, if training is sharded."""
-    return next((m for m in module.modules() if isinstance(m, FSDP)), None)
-
-
 @torch.no_grad()
 def sharded_ema_update_(root: FSDP, teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """teacher <- m * teacher + (1 - m) * student on sharded parameters (collective: every rank calls it).
