@@ -58,6 +58,19 @@ def test_crop_padded_replicates_edges_outside_the_image():
     assert sq.tolist() == [[6, 16, 14, 24]]
 
 
+def test_square_boxes_of_edge_slivers_still_overlap_the_image():
+    """A cell cut by the smear's edge down to a 1-px sliver: centre 0.5, box side 1.2 x its 1 px. Plain
+    floor/round arithmetic put that box at x in [-1, 0), wholly outside, and crop_padded raised mid-run."""
+    boxes = square_boxes(
+        np.array([0.5, 383.5, 10.0]), np.array([337.3, 0.5, 20.0]), np.array([1.2, 1.2, 8.0])
+    )
+    image = np.zeros((384, 384, 3), np.uint8)
+    for box in boxes:
+        assert crop_padded(image, box).shape[:2] == (box[3] - box[1], box[2] - box[0])
+    assert boxes[0].tolist() == [0, 337, 1, 338] and boxes[1].tolist() == [383, 0, 384, 1]
+    assert boxes[2].tolist() == [6, 16, 14, 24]  # ordinary boxes are unchanged
+
+
 def _units(tmp_path, labels):
     Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(tmp_path / "a.png")
     return pd.DataFrame(

@@ -21,12 +21,19 @@ def tile_boxes(width: int, height: int, size: int) -> np.ndarray:
 
 
 def square_boxes(cx: np.ndarray, cy: np.ndarray, side: np.ndarray | float) -> np.ndarray:
-    """Square boxes of ``side`` pixels centred on (cx, cy); they may extend past the image (crop pads)."""
+    """Square boxes of ``side`` pixels centred on (cx, cy); they may extend past the image (crop pads).
+
+    Every box contains the pixel its centre falls in, so a centre inside the image gives a box that
+    overlaps it however small the side: a 1-px sliver of a cell cut by the smear's edge (centre 0.5)
+    with a 1.2x context would otherwise round to a box wholly outside the image.
+    """
     side = np.broadcast_to(np.asarray(side, dtype=np.float64), np.shape(cx))
-    half = side / 2.0
-    x0 = np.floor(np.asarray(cx) - half).astype(np.int64)
-    y0 = np.floor(np.asarray(cy) - half).astype(np.int64)
     s = np.maximum(np.round(side).astype(np.int64), 1)
+    corners = []
+    for c in (np.asarray(cx, dtype=np.float64), np.asarray(cy, dtype=np.float64)):
+        centre_pixel = np.floor(c).astype(np.int64)
+        corners.append(np.clip(np.floor(c - side / 2.0).astype(np.int64), centre_pixel - s + 1, centre_pixel))
+    x0, y0 = corners
     return np.stack([x0, y0, x0 + s, y0 + s], axis=1)
 
 
