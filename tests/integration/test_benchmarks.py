@@ -62,3 +62,14 @@ def test_throughput_reports_both_modes_flops_and_the_split(tmp_path):
         "ema",
     }
     assert "aten::" in profile.read_text()
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["augmented", "no-augment"])
+def test_supervised_probe_trains_and_scores_the_held_out_cells(tmp_path, plain):
+    args = ["--steps", "3", *(["--no-augment"] if plain else []), *TINY]
+    out = run_script("benchmarks.supervised_probe", *args, cache=tmp_path)
+    assert ("none (resize + flip)" in out) == plain
+    scores = [line for line in out.splitlines() if "weighted F1" in line]
+    assert [s.split()[0] for s in scores] == ["k=1", "k=3"]  # debug=fast reports k = 1 and 3
+    assert all(0.0 <= float(s.split()[3]) <= 100.0 for s in scores)
+    assert "loss" in out and "train cells" in out

@@ -24,7 +24,7 @@ def test_groups_exist():
         assert options(group), f"conf/{group} is empty"
     assert {"reddino", "dinov2", "dinobloom"} <= set(options("ssl"))
     assert {"vit_tiny", "vit_s14", "vit_b14", "vit_l14", "vit_g14"} <= set(options("model"))
-    assert {"reddino", "reddino_gpu", "dinov2"} <= set(options("augment"))
+    assert {"reddino", "reddino_gpu", "dinov2", "dinov2_cells"} <= set(options("augment"))
 
 
 @pytest.mark.parametrize(
@@ -82,6 +82,21 @@ def test_embedded_default_pieces_instantiate(make_cfg):
         assert instantiate(c) is not None, name
     for name, c in cfg.logger.items():
         assert instantiate(c) is not None, name
+
+
+def test_cell_augmentations_extend_dinov2_and_switching_back_restores_the_full_set(make_cfg):
+    """The embedded default's milder cell augmentations live in their own group option, so
+    ``augment=dinov2`` (or ``augment=reddino``) replaces them whole instead of inheriting them."""
+    cells, full = make_cfg().augment, make_cfg("augment=dinov2").augment
+    assert cells._target_ == full._target_ == "reddino.data.augment.DinoV2Augmentation"
+    assert list(cells.color_jitter) == [0.2, 0.2, 0.1, 0.0] and cells.grayscale_p == 0.0
+    assert list(cells.global_blur_p) == [0.5, 0.1] and list(cells.blur_sigma) == [0.1, 1.0]
+    assert list(full.color_jitter) == [0.4, 0.4, 0.2, 0.1] and full.grayscale_p == 0.2
+    assert list(full.global_blur_p) == [1.0, 0.1] and list(full.blur_sigma) == [0.1, 2.0]
+    assert {k for k in cells if k not in ("color_jitter", "grayscale_p", "global_blur_p", "blur_sigma")} == {
+        k for k in full if k not in ("color_jitter", "grayscale_p", "global_blur_p", "blur_sigma")
+    }
+    assert "color_jitter" not in make_cfg("augment=reddino").augment
 
 
 def test_ddp_trainer_instantiates_lightnings_strategy_on_cpu(make_cfg):
