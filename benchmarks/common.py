@@ -6,10 +6,10 @@ from __future__ import annotations
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -20,6 +20,7 @@ from reddino.data.datamodules import PretrainDataModule
 from reddino.ssl.module import DinoV2Module
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
+T = TypeVar("T")
 PIECES = ("data", "teacher_forward", "student_forward_loss", "backward", "optimizer", "ema")
 
 
@@ -86,10 +87,11 @@ class StepRunner:
             torch.cuda.synchronize(self.device)
 
 
-def endless(datamodule: PretrainDataModule) -> Iterator[dict]:
-    """Host batches epoch after epoch (a small dataset runs out within the timed steps)."""
+def endless(make_loader: Callable[[], Iterable[T]]) -> Iterator[T]:
+    """Batches epoch after epoch, a fresh loader from ``make_loader`` each (a small dataset runs out within
+    the timed steps); e.g. ``endless(datamodule.train_dataloader)``."""
     while True:
-        yield from datamodule.train_dataloader()
+        yield from make_loader()
 
 
 def split_steps(runner: StepRunner, batches: Iterator[dict], steps: int, first_step: int) -> dict[str, float]:

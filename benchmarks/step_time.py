@@ -37,7 +37,7 @@ def main() -> None:
     datamodule, module, _ = build_training(cfg)
     datamodule.setup("fit")
     runner = StepRunner(module, datamodule.batch_size, device, bf16)
-    batches = (to_device(b, datamodule, device) for b in endless(datamodule))
+    batches = (to_device(b, datamodule, device) for b in endless(datamodule.train_dataloader))
     split_steps(runner, batches, args.warmup, 0)
     times = split_steps(runner, batches, args.steps, args.warmup)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import date
 
 import numpy as np
@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.common import pretrain_config
+from benchmarks.common import endless, pretrain_config
 from reddino.data.datasets import LabelledUnitDataset, eval_transform
 from reddino.eval.features import extract_cls_features
 from reddino.eval.knn_report import grouped_knn_scores
@@ -68,11 +68,6 @@ def labelled_cells(cfg: DictConfig, sources: list[str]) -> LabelledUnitDataset:
     return LabelledUnitDataset(units, plain, list(cfg.data.classes), cfg.data.loader.image_cache_size)
 
 
-def batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    while True:
-        yield from loader
-
-
 def train_supervised(
     backbone: torch.nn.Module, data: Dataset, n_classes: int, steps: int, lr: float, batch_size: int
 ) -> list[float]:
@@ -84,7 +79,7 @@ def train_supervised(
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True)
     backbone.train()
     losses = []
-    for _, (images, labels) in zip(range(steps), batches(loader), strict=False):
+    for _, (images, labels) in zip(range(steps), endless(lambda: loader), strict=False):
         loss = F.cross_entropy(classifier(forward_tokens(backbone, images).cls), labels)
         optimizer.zero_grad()
         loss.backward()

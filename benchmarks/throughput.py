@@ -143,7 +143,7 @@ def main() -> None:
         if mode == "model":
             batches = itertools.cycle(cached)
         else:
-            batches = (to_device(b, datamodule, device) for b in endless(datamodule))
+            batches = (to_device(b, datamodule, device) for b in endless(datamodule.train_dataloader))
         timed_steps(runner, batches, args.warmup, step)  # compilation, worker start-up, allocator
         step += args.warmup
         if device.type == "cuda":
