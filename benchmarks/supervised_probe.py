@@ -35,29 +35,22 @@ from reddino.ssl.backbone import forward_tokens
 
 
 class AugmentedCells(Dataset):
-    """(one view of a labelled cell, class index): a random global crop of ``augment``, or the evaluation
-    resize with a random horizontal flip when ``augment`` is None."""
+    """(one view of a labelled cell, class index): a random global crop of ``augment``, or the cells' own
+    evaluation resize with a random horizontal flip when ``augment`` is None."""
 
-    def __init__(
-        self,
-        cells: LabelledUnitDataset,
-        augment: Callable | None,
-        plain: Callable[[np.ndarray], torch.Tensor],
-        seed: int,
-    ) -> None:
-        self.cells, self.augment, self.plain = cells, augment, plain
+    def __init__(self, cells: LabelledUnitDataset, augment: Callable | None, seed: int) -> None:
+        self.cells, self.augment = cells, augment
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.cells)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        crop, label = self.cells.crop(index), int(self.cells.targets[index])
         if self.augment is None:
-            view = self.plain(crop)
+            view, label = self.cells[index]
             return (view.flip(2) if self.rng.random() < 0.5 else view), label
-        views = self.augment(crop)["global_crops"]
-        return views[int(self.rng.integers(len(views)))], label
+        views = self.augment(self.cells.crop(index))["global_crops"]
+        return views[int(self.rng.integers(len(views)))], int(self.cells.targets[index])
 
 
 def labelled_cells(cfg: DictConfig, sources: list[str]) -> LabelledUnitDataset:
@@ -104,7 +97,7 @@ def main() -> None:
     train = labelled_cells(cfg, list(cfg.data.train_sources))
     held_out = labelled_cells(cfg, list(cfg.data.eval_sources))
     augment = None if args.no_augment else instantiate(cfg.augment)
-    data = AugmentedCells(train, augment, train.transform, cfg.seed)
+    data = AugmentedCells(train, augment, cfg.seed)
 
     backbone = instantiate(cfg.model)
     start = time.perf_counter()
