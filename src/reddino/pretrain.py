@@ -135,8 +135,17 @@ def run_id_of(run_dir: Path) -> str:
 
 
 def checkpoint_to_resume(cfg: DictConfig) -> str | None:
-    """``resume=<run dir>`` continues that run from its last checkpoint; ``ckpt_path=`` names any file."""
+    """``resume=<run dir>`` continues that run from its last checkpoint; ``ckpt_path=`` names any local file.
+
+    URLs are refused: Lightning unpickles a downloaded checkpoint in full (``weights_only=False``), so a
+    remote file could run code. Local files are read with ``weights_only=True`` (``run``).
+    """
     if cfg.resume is None:
+        if cfg.ckpt_path is not None and "://" in str(cfg.ckpt_path):
+            raise ValueError(
+                f"ckpt_path={cfg.ckpt_path}: URLs are refused (a remote checkpoint would be unpickled in "
+                "full); download it, check it, and pass the local file"
+            )
         return cfg.ckpt_path
     if cfg.ckpt_path is not None:
         raise ValueError("give either resume=<run dir> or ckpt_path=<file>, not both")
@@ -246,7 +255,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule, module, initial = build_training(cfg)
     trainer = build_trainer(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     summary: dict[str, Any] = {
         "steps": int(trainer.global_step),

@@ -24,12 +24,20 @@ from urllib.parse import urlparse
 import timm
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
+
+from reddino.run_specs import (
+    ARCH_NAME,
+    UntrustedConfigError,
+    backbone_args,
+    normalisation,
+    plain_value,
+)
+from reddino.ssl.backbone import build_backbone
 
 
 @dataclass
@@ -45,8 +53,16 @@ class LoadedBackbone:
 
 
 def build_from_config(config: dict[str, Any]) -> VisionTransformer:
-    """A randomly initialised timm model of the exported architecture (the random-init baseline)."""
-    model = timm.create_model(config["architecture"], pretrained=False, num_classes=0, **config["model_args"])
+    """A randomly initialised timm model of the exported architecture (the random-init baseline).
+
+    ``config`` may come from a file someone shared (``config.json``): the architecture must be a
+    registered timm name and the arguments plain values, so nothing in it names code to run.
+    """
+    arch = config["architecture"]
+    if not isinstance(arch, str) or not ARCH_NAME.fullmatch(arch) or arch not in timm.list_models(arch):
+        raise UntrustedConfigError(f"architecture {arch!r}: not a registered timm architecture name")
+    args = plain_value(dict(config["model_args"]), "model_args")
+    model = timm.create_model(arch, pretrained=False, num_classes=0, **args)
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"{config['architecture']!r} is not a timm VisionTransformer")
     return model
@@ -73,14 +89,27 @@ TEACHER_PREFIX = "teacher.backbone."
 
 
 def load_lightning_checkpoint(path: str | Path) -> LoadedBackbone:
-    """The teacher backbone of a pretraining checkpoint, built from the run's ``config.yaml``."""
+    """The teacher backbone of a pretraining checkpoint, built from the run's ``config.yaml``.
+
+    The config is read as validated plain values (``reddino.run_specs``), never instantiated: a shared
+    run directory cannot make loading its weights run code.
+    """
     path = Path(path)
     config_file = path.parent.parent / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: missing; a checkpoint is read with its run's config.yaml")
-    cfg = OmegaConf.load(config_file)
-    model = instantiate(cfg.model)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+    if not isinstance(cfg, dict) or "model" not in cfg or "augment" not in cfg:
+        raise UntrustedConfigError(f"{config_file}: no 'model' and 'augment' sections; not a pretraining run")
+    try:
+        args = backbone_args(cfg["model"])
+        mean, std = normalisation(cfg["augment"])
+    except UntrustedConfigError as err:
+        raise UntrustedConfigError(f"{config_file}: {err}") from err
+    model = build_backbone(**args)
+    checkpoint = _torch_load(path)
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise ValueError(f"{path}: no 'state_dict'; not a Lightning checkpoint")
     state = {
         k[len(TEACHER_PREFIX) :]: v
         for k, v in checkpoint["state_dict"].items()
@@ -89,15 +118,15 @@ def load_lightning_checkpoint(path: str | Path) -> LoadedBackbone:
     if not state:
         raise ValueError(f"{path}: no '{TEACHER_PREFIX}*' keys; not a reddino pretraining checkpoint")
     _load_strict(model, state, path)
-    args = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("_target_", "arch")}
-    args.update(args.pop("overrides") or {})
+    arch = args.pop("arch")
+    args.update(args.pop("overrides"))
     return LoadedBackbone(
         model=model.eval(),
-        architecture=cfg.model.arch,
+        architecture=arch,
         model_args=args,
-        input_size=int(cfg.model.img_size),
-        mean=list(cfg.augment.mean),
-        std=list(cfg.augment.std),
+        input_size=int(args["img_size"]),
+        mean=mean,
+        std=std,
     )
 
 

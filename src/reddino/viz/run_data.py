@@ -3,18 +3,19 @@ and the synthetic smears it was trained on."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from reddino.data.datasets import LabelledUnitDataset, eval_transform
 from reddino.data.synthetic import ensure_synthetic_dataset, read_instances
 from reddino.eval.features import extract_cls_features
+from reddino.run_specs import plain_value, read_run_units
 from reddino.viz.runs import run_config
 from reddino.weights import LoadedBackbone, load_backbone
 
@@ -30,9 +31,18 @@ def run_backbone(run_dir: str | Path) -> LoadedBackbone:
     return load_backbone(weights)
 
 
+def local_cache_dir() -> Path:
+    """Where this machine keeps generated data (REDDINO_CACHE_DIR, as ``conf/paths`` says): a run
+    directory from elsewhere names its own, which is never written to."""
+    default = Path(os.environ.get("HOME", "/tmp")) / ".cache" / "reddino"
+    return Path(os.environ.get("REDDINO_CACHE_DIR", default))
+
+
 def run_units(run_dir: str | Path, max_units: int, seed: int) -> pd.DataFrame:
-    """A seeded subsample of the labelled evaluation units of the run's data config."""
-    units = instantiate(run_config(run_dir).data.eval_units)
+    """A seeded subsample of the labelled evaluation units of the run's data config (read as plain
+    values by ``reddino.run_specs``: the run's config is never instantiated)."""
+    data = run_config(run_dir).data
+    units = read_run_units(OmegaConf.to_container(data.eval_units, resolve=False), local_cache_dir() / "synthetic")
     if len(units) > max_units:
         units = units.sample(n=max_units, random_state=seed).sort_index()
     return units.reset_index(drop=True)
@@ -54,9 +64,9 @@ def synthetic_smear(run_dir: str | Path, source: str, index: int) -> tuple[np.nd
     data = run_config(run_dir).data
     if data.get("name") != "synthetic":
         raise ValueError(f"{run_dir}: data is {data.get('name')!r}, not synthetic; pass an image instead")
-    gen = OmegaConf.to_container(data.generator, resolve=True)
+    gen = plain_value(OmegaConf.to_container(data.generator, resolve=False), "data.generator")
     root = ensure_synthetic_dataset(
-        data.cache_dir,
+        local_cache_dir() / "synthetic",
         **{**gen, "smear_size": tuple(gen["smear_size"]), "cells_per_smear": tuple(gen["cells_per_smear"])},
     )
     smears = pd.read_parquet(root / "smears.parquet")
