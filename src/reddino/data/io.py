@@ -5,18 +5,42 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 class BadImageError(ValueError):
     """An image that cannot be used as RGB microscopy input; the message names the file and why."""
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode ``path`` to an (H, W, 3) uint8 RGB array.
+# Modes whose values are not display colours: converted by Pillow's own colour transforms.
+# Integer/float grey (16-bit TIFF, "I", "F") keeps its full range and is rescaled in ``to_rgb_uint8``.
+HIGH_DEPTH_GREY = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
+EXIF_ORIENTATION = 0x0112
 
-    Grayscale is replicated to 3 channels, RGBA drops alpha, 16-bit is rescaled to 8 bits by its range.
-    Anything undecodable raises ``BadImageError`` naming the file.
+
+def pil_to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` upright (EXIF orientation applied) in RGB, or in a high-depth grey mode.
+
+    Each mode is converted for what its values mean: CMYK and YCbCr/LAB/HSV through Pillow's colour
+    conversion (not read as RGB), palette images through their palette (with transparency dropped), 1-bit
+    and LA to grey. Reading the raw array instead gives inverted CMYK colours and grey palette indices.
+    """
+    im = ImageOps.exif_transpose(im)
+    if im.mode in HIGH_DEPTH_GREY or im.mode == "RGB":
+        return im
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBa", "La", "PA"):
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Decode ``path`` to an (H, W, 3) uint8 RGB array, upright as its EXIF orientation says.
+
+    Every Pillow mode is converted by what it means (``pil_to_rgb``); 16-bit and float grey are rescaled
+    to 8 bits by their range. Anything undecodable raises ``BadImageError`` naming the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -24,9 +48,18 @@ def read_rgb(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            return to_rgb_uint8(np.asarray(im), path)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            return to_rgb_uint8(np.asarray(pil_to_rgb(im)), path)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, BadImageError):
+            raise
         raise BadImageError(f"{path}: cannot decode image ({exc})") from exc
+
+
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of ``im`` after its EXIF orientation, read from the header only."""
+    width, height = im.size
+    orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    return (height, width) if orientation in SWAPPING_ORIENTATIONS else (width, height)
 
 
 def to_rgb_uint8(array: np.ndarray, path: str | Path = "<array>") -> np.ndarray:

@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import defusedxml.ElementTree as SafeET
 import pandas as pd
+from defusedxml import DefusedXmlException
 from PIL import Image
 
+from reddino.data.io import upright_size
 from reddino.data.sources.records import IMAGE_COLUMNS, OBJECT_COLUMNS, ParsedSource, Skipped, empty_objects
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -85,7 +88,7 @@ def read_size(path: Path) -> tuple[int, int] | str:
         if path.stat().st_size == 0:
             return "empty file"
         with Image.open(path) as im:
-            width, height = im.size
+            width, height = upright_size(im)  # the size read_rgb gives: EXIF orientation applied
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return f"{type(exc).__name__}: {exc}"
     if width <= 0 or height <= 0:
@@ -428,8 +431,8 @@ def parse_voc(
     seen_images: dict[Path, Path] = {}
     for xml_path in _glob(root, annotations):
         try:
-            tree = ET.parse(xml_path).getroot()
-        except (ET.ParseError, OSError) as exc:
+            tree = SafeET.parse(xml_path).getroot()  # hardened: no entities, no external references
+        except (ET.ParseError, DefusedXmlException, OSError) as exc:
             col.skip(xml_path, f"cannot parse XML: {exc}")
             continue
         image = _voc_image(tree, xml_path, root / images_dir, image_suffix)
