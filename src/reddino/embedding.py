@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from reddino.cli import one_line_errors
 from reddino.data.datasets import UnitDataset, eval_transform
 from reddino.data.io import BadImageError, read_rgb
 from reddino.data.manifest import UNIT_COLUMNS
@@ -136,6 +137,7 @@ def embed(
     )
 
 
+@one_line_errors("reddino-embed")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="reddino-embed", description=__doc__.split("\n\n")[0])
     parser.add_argument(

@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import reddino.config  # noqa: F401  (resolvers)
+from reddino.cli import one_line_errors
+from reddino.config_checks import check_config, eval_rules
 from reddino.data.datasets import LabelledUnitDataset, UnitDataset, eval_transform
 from reddino.eval.batch_effects import neighbour_source_mixing, source_predictability
 from reddino.eval.features import (
@@ -270,6 +272,7 @@ def log_everything(cfg: DictConfig, summary: dict[str, Any], figures: list[Path]
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate; returns what is written to ``results.json``."""
+    check_config(cfg, eval_rules())
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -334,6 +337,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@one_line_errors("reddino-eval")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

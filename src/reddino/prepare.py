@@ -24,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 import reddino.config  # noqa: F401  (resolvers)
+from reddino.cli import one_line_errors
+from reddino.config_checks import check_config, prepare_rules
 from reddino.data.dedup import find_duplicates
 from reddino.data.prepare import (
     MANIFEST_COLUMNS,
@@ -154,6 +156,7 @@ def report_markdown(report: dict[str, Any], table: pd.DataFrame, reasons: pd.Dat
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Prepare every configured source; returns the report (also written to ``report.json``)."""
+    check_config(cfg, prepare_rules())
     if cfg.paths.data_root is None:
         raise ValueError("paths.data_root is unset: export REDDINO_DATA_ROOT=<folder holding the datasets>")
     out = Path(cfg.output_dir)
@@ -237,6 +240,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")
+@one_line_errors("reddino-prepare")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -24,6 +24,8 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 import reddino.config  # noqa: F401  (registers the ${int_mul:...} resolver)
+from reddino.cli import one_line_errors
+from reddino.config_checks import check_config, check_schedule_length, pretrain_rules
 from reddino.data.datamodules import PretrainDataModule
 from reddino.data.datasets import LabelledUnitDataset, eval_transform
 from reddino.data.masking import SSLCollator
@@ -244,6 +246,8 @@ def results_frame(results: dict[str, Any]) -> pd.DataFrame:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, export and evaluate; returns what was written to ``results.json``."""
+    check_config(cfg, pretrain_rules())
+    check_schedule_length(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = checkpoint_to_resume(cfg)
     out = Path(cfg.paths.output_dir)
@@ -334,6 +338,7 @@ def _flatten_scores(frame: pd.DataFrame) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pretrain")
+@one_line_errors("reddino-pretrain")
 def main(cfg: DictConfig) -> None:
     pin_children_to_this_job()
     run(cfg)

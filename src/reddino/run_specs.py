@@ -151,7 +151,9 @@ def _unit_readers() -> dict[str, Callable[..., pd.DataFrame]]:
     }
 
 
-def read_run_units(units: Mapping[str, Any], cache_dir: str | Path, where: str = "data.eval_units") -> pd.DataFrame:
+def read_run_units(
+    units: Mapping[str, Any], cache_dir: str | Path, where: str = "data.eval_units"
+) -> pd.DataFrame:
     """The units a run's ``data.*_units`` node describes, read by one of our readers.
 
     Synthetic smears are generated into OUR ``cache_dir``, not the one the foreign config names, so a

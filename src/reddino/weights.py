@@ -9,13 +9,14 @@ hub state dict, and ``hf_hub:`` ids. Keys are checked strictly and nothing pickl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pickle
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
@@ -196,7 +197,8 @@ def resample_pos_embed_dinov2(pos_embed: Tensor, new_grid: int, offset: float = 
 
 
 def _torch_load(path: Path) -> Any:
-    """``torch.load`` that never runs pickled code: a file holding arbitrary objects is refused."""
+    """``torch.load`` that never runs pickled code: a file holding arbitrary objects is refused, and a
+    truncated or corrupt file is named."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -204,6 +206,24 @@ def _torch_load(path: Path) -> Any:
             f"{path}: refused: it holds pickled objects other than tensors/containers "
             "(read with weights_only=True; convert it to safetensors or a plain state dict)"
         ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path}: not a readable torch file ({err}); truncated or corrupt?") from err
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open`` whose failure on a truncated or corrupt file names the file."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); truncated or corrupt?") from err
+    with handle as f:
+        yield f
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str] | None:
+    with _open_safetensors(path) as f:
+        return f.metadata()
 
 
 def _is_hub_layout(keys: set[str]) -> bool:
@@ -243,8 +263,7 @@ def _folder_format(folder: Path) -> str:
         raise ValueError(f"{folder / 'config.json'}: no 'architecture'; not a timm/reddino config")
     weights = folder / "model.safetensors"
     if weights.is_file():
-        with safe_open(str(weights), framework="pt") as f:
-            producer = (f.metadata() or {}).get("producer")
+        producer = (_safetensors_metadata(weights) or {}).get("producer")
         return "reddino_export" if producer == "reddino" and "model_args" in config else "timm_hf"
     if (folder / "pytorch_model.bin").is_file():
         return "timm_hf"
@@ -269,7 +288,7 @@ def detect_format(path: str | Path) -> str:
     if path.suffix == ".safetensors":
         if (path.parent / "config.json").is_file():
             return _folder_format(path.parent)
-        with safe_open(str(path), framework="pt") as f:
+        with _open_safetensors(path) as f:
             if _is_hub_layout(set(f.keys())):
                 return "dinov2_hub"
         raise ValueError(f"{path}: safetensors without config.json and without DINOv2 keys")
@@ -384,7 +403,12 @@ def load_dinov2_state_dict(
 
 def _read_state(path: Path) -> Any:
     """Tensors of a safetensors file, or a torch file read with ``weights_only=True``."""
-    return load_file(str(path)) if path.suffix == ".safetensors" else _torch_load(path)
+    if path.suffix != ".safetensors":
+        return _torch_load(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); truncated or corrupt?") from err
 
 
 def load_dinov2_hub(path: str | Path, model_args: Mapping[str, Any] | None = None) -> LoadedBackbone:

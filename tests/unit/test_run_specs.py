@@ -62,14 +62,14 @@ def test_a_hostile_run_config_is_refused_and_runs_nothing(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)  # a relative 'file: VICTIM' would land here
     model = yaml.safe_load(yaml.safe_dump(model).replace("VICTIM", str(victim)))
     ckpt = run_dir(tmp_path, {"model": model, "augment": AUGMENT})
-    with pytest.raises(UntrustedConfigError, match="config.yaml"):
+    with pytest.raises(UntrustedConfigError, match=r"config\.yaml"):
         load_backbone(ckpt)
     assert not victim.exists()
 
 
 def test_hostile_units_nodes_are_refused(tmp_path):
     victim = tmp_path / "x"
-    with pytest.raises(UntrustedConfigError, match="_target_='builtins.open'"):
+    with pytest.raises(UntrustedConfigError, match=r"_target_=.builtins\.open."):
         read_run_units({"_target_": "builtins.open", "file": str(victim), "mode": "w"}, tmp_path)
     with pytest.raises(UntrustedConfigError, match="Hydra directives"):
         read_run_units(
@@ -134,3 +134,21 @@ def test_an_export_config_json_cannot_name_code():
 def test_remote_checkpoints_are_refused(url):
     with pytest.raises(ValueError, match="URLs are refused"):
         checkpoint_to_resume(OmegaConf.create({"resume": None, "ckpt_path": url}))
+
+
+def test_truncated_weight_files_are_named(tmp_path):
+    net = build_backbone(**{k: v for k, v in MODEL.items() if k != "_target_"})
+    from reddino.ssl.export import export_timm
+
+    export_timm(
+        net, tmp_path / "export", MODEL["arch"], {"img_size": 32, **MODEL["overrides"]}, [0.5] * 3, [0.5] * 3
+    )
+    weights = tmp_path / "export" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(ValueError, match=f"{weights}: not a readable safetensors file"):
+        load_backbone(tmp_path / "export")
+    pth = tmp_path / "hub.pth"
+    torch.save(net.state_dict(), pth)
+    pth.write_bytes(pth.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{pth}: not a readable torch file"):
+        load_backbone(pth)

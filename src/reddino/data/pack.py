@@ -35,6 +35,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import reddino.config  # noqa: F401  (resolvers)
+from reddino.cli import one_line_errors
+from reddino.config_checks import check_config, pack_rules
 from reddino.data.io import BadImageError, read_rgb
 from reddino.data.manifest import resolve_files
 from reddino.data.prepare import write_parquet_atomic, write_text_atomic
@@ -294,6 +296,7 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Pack as configured in ``conf/pack.yaml``."""
+    check_config(cfg, pack_rules())
     return pack(
         cfg.prepared_dir,
         cfg.out,
@@ -308,6 +311,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pack")
+@one_line_errors("reddino-pack")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -42,7 +42,9 @@ def run_units(run_dir: str | Path, max_units: int, seed: int) -> pd.DataFrame:
     """A seeded subsample of the labelled evaluation units of the run's data config (read as plain
     values by ``reddino.run_specs``: the run's config is never instantiated)."""
     data = run_config(run_dir).data
-    units = read_run_units(OmegaConf.to_container(data.eval_units, resolve=False), local_cache_dir() / "synthetic")
+    units = read_run_units(
+        OmegaConf.to_container(data.eval_units, resolve=False), local_cache_dir() / "synthetic"
+    )
     if len(units) > max_units:
         units = units.sample(n=max_units, random_state=seed).sort_index()
     return units.reset_index(drop=True)

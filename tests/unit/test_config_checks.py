@@ -1,0 +1,86 @@
+"""A typo or a wrong type in an option stops the run before it starts, naming option, value and choices."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from reddino.config_checks import (
+    ConfigError,
+    check_config,
+    check_schedule_length,
+    eval_rules,
+    pack_rules,
+    prepare_rules,
+    pretrain_rules,
+)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("units=[patchs]", r"units=\['patchs'\]: has \['patchs'\]; allowed values are \['patch', 'cell'\]"),
+        ("units=[]", "units=\\[\\]: must name at least one"),
+        ("chunk_size=0", "chunk_size=0: must be at least 1"),
+        ("max_images=-1", "max_images=-1: must be at least 1"),
+        ("missing_sources=ignore", r"missing_sources='ignore': must be one of \['skip', 'error'\]"),
+        ("segmentation.backend=cellpse", "segmentation.backend='cellpse': must be one of"),
+        ("cells.segment=sometimes", "cells.segment='sometimes'"),
+    ],
+)
+def test_prepare_options_are_checked(make_cfg, override, message):
+    cfg = make_cfg(override, config_name="prepare")
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg, prepare_rules())
+
+
+def test_defaults_pass_every_table(make_cfg):
+    check_config(make_cfg(config_name="prepare"), prepare_rules())
+    check_config(make_cfg(config_name="pack"), pack_rules())
+    check_config(make_cfg(config_name="eval"), eval_rules())
+    cfg = make_cfg()
+    check_config(cfg, pretrain_rules())
+    check_schedule_length(cfg)
+    for data in ("real", "txl_pbc_rbc"):
+        check_config(make_cfg(f"data={data}"), pretrain_rules())
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.loader.batch_size=abc", "data.loader.batch_size='abc': must be an integer"),
+        ("data.loader.batch_size=0", "data.loader.batch_size=0: must be at least 1"),
+        ("data.pretrain_units.unit=cells", "data.pretrain_units.unit='cells'"),
+        ("ssl.centering.method=sinkhorn", "ssl.centering.method='sinkhorn'"),
+    ],
+)
+def test_pretrain_options_are_checked(make_cfg, override, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(make_cfg(override), pretrain_rules())
+
+
+@pytest.mark.parametrize("steps", ["-1", "100000"])
+def test_training_past_the_schedules_is_refused(make_cfg, steps):
+    with pytest.raises(ConfigError, match=f"trainer.max_steps={steps}: must be between 1 and"):
+        check_schedule_length(make_cfg(f"trainer.max_steps={steps}"))
+
+
+def test_eval_options_are_checked(make_cfg):
+    with pytest.raises(ConfigError, match=r"features\.pooling='mean'.*probes\.knn\.metric='cos'"):
+        check_config(
+            make_cfg("features.pooling=mean", "probes.knn.metric=cos", config_name="eval"), eval_rules()
+        )
+
+
+def test_the_cli_prints_one_line_not_a_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "reddino.prepare", "units=[patchs]", f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2
+    assert "reddino-prepare: error: units=['patchs']: has ['patchs']" in done.stderr
+    assert "Traceback" not in done.stderr
+    debug = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "REDDINO_DEBUG": "1"}
+    )
+    assert debug.returncode != 0 and "ConfigError" in debug.stderr
