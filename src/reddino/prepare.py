@@ -38,12 +38,26 @@ from reddino.data.prepare import (
 )
 from reddino.data.segment import LazySegmenter
 from reddino.data.sources.catalog import SourceSpec, resolve_root
-from reddino.data.sources.download import DatasetUnavailableError, fetch_source
+from reddino.data.sources.download import (
+    ArchiveLimitError,
+    DatasetUnavailableError,
+    DownloadFailedError,
+    UnsafeArchiveError,
+    UnverifiedDownloadError,
+    fetch_source,
+)
 from reddino.data.sources.parsers import parse_source
 from reddino.data.sources.records import ParsedSource
 from reddino.tables import markdown_table
 
 log = logging.getLogger("reddino.prepare")
+SOURCE_FAILURES = (
+    DatasetUnavailableError,
+    UnverifiedDownloadError,
+    DownloadFailedError,
+    UnsafeArchiveError,
+    ArchiveLimitError,
+)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -172,11 +186,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         seg_before = (segment.seconds, segment.cells)
         try:
             entry = prepare_source(spec, cfg, out, segment)
-        except DatasetUnavailableError as exc:
+        except SOURCE_FAILURES as exc:  # missing, unverified, failed download, refused archive
             if cfg.missing_sources == "error":
                 raise
             log.error("skipping %s: %s", name, exc)
-            unavailable[name] = str(exc)
+            unavailable[name] = f"{type(exc).__name__}: {exc}"
             continue
         result, timing = entry["result"], entry["timing"]
         units.append(result.units)
@@ -197,6 +211,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 else float("nan")
             ),
             "chunks_reused": timing["chunks"]["reused"],
+            "chunks_redone": timing["chunks"]["redone"],
         }
         root = resolve_root(spec, Path(cfg.paths.data_root))
         log.info("%s: %d images, %d units from %s", name, n_img, len(result.units), root)

@@ -50,12 +50,12 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path) -> Pa
 
 
 def test_a_failed_job_is_recorded_and_the_rest_summarised(sweep, capsys):
-    assert "unit must be one of" in (sweep / "1" / ERROR_FILE).read_text()
+    assert "data.pretrain_units.unit='bogus': must be one of" in (sweep / "1" / ERROR_FILE).read_text()
     assert not (sweep / "1" / "results.json").exists()
     assert main([str(sweep)]) == 1
     md = (sweep / SUMMARY_MD).read_text()
     assert "| 0 | baseline | baseline | 4 |" in md  # debug=fast: 2 epochs x 2 steps
-    assert "1 failed job(s)" in md and "unit must be one of" in md
+    assert "1 failed job(s)" in md and "must be one of" in md
     assert (sweep / FIGURE_PNG).is_file()
     assert "FAILED" in capsys.readouterr().out
 

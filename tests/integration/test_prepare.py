@@ -78,6 +78,8 @@ def test_prepare_reports_every_bad_input_and_goes_on(make_cfg, tmp_path, monkeyp
     make_points_dataset(data / "points")
     (data / "empty").mkdir(parents=True)
     monkeypatch.setenv("REDDINO_DATA_ROOT", str(data))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     cfg = make_cfg("output_dir=" + str(tmp_path / "prepared"), "progress=false", config_name="prepare")
     user_yaml = tmp_path / "points.yaml"
     layout = {
@@ -92,7 +94,26 @@ def test_prepare_reports_every_bad_input_and_goes_on(make_cfg, tmp_path, monkeyp
             "points": OmegaConf.load(user_yaml),
             "empty": source_spec("empty", "empty", {"parser": "flat", "images": "*.png"}),
             "absent": source_spec("absent", "absent", {"parser": "flat", "images": "*.png"}),
+            # online: one download without a sha256 (refused), one that cannot connect (failed)
+            "unverified": {
+                **source_spec("unverified", "unverified", {"parser": "flat", "images": "*.png"}),
+                "download": [
+                    {"url": "http://127.0.0.1:9/u.zip", "sha256": None, "archive": "zip", "extract_to": "."}
+                ],
+            },
+            "failed": {
+                **source_spec("failed", "failed", {"parser": "flat", "images": "*.png"}),
+                "download": [
+                    {
+                        "url": "http://127.0.0.1:9/f.zip",
+                        "sha256": "0" * 64,
+                        "archive": "zip",
+                        "extract_to": ".",
+                    }
+                ],
+            },
         }
+        cfg.offline = False
         cfg.patches.size = 32
         cfg.cells.point_window = 24
         cfg.segmentation.backend = "classical"
@@ -127,7 +148,9 @@ def test_prepare_reports_every_bad_input_and_goes_on(make_cfg, tmp_path, monkeyp
     assert (manifest["unit"] == "patch").sum() > 0
     # the unlabelled images (grey, sixteen, rgba, tiny) went through the fallback segmenter
     assert report["segmenter"] == "classical" and cells["label"].isna().sum() > 0
-    assert set(report["unavailable"]) == {"empty", "absent"}
+    assert set(report["unavailable"]) == {"empty", "absent", "unverified", "failed"}
+    assert report["unavailable"]["unverified"].startswith("UnverifiedDownloadError: unverified: no sha256")
+    assert report["unavailable"]["failed"].startswith("DownloadFailedError: failed: download of")
     assert "absent" in report["unavailable"]["absent"] and "empty" in report["unavailable"]["empty"]
     assert "not prepared" in (out / "report.md").read_text()
 

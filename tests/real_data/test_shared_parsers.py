@@ -99,12 +99,28 @@ def bccd() -> ParsedSource:
     return parse_source("bccd", dataset("bccd"), layout, {"from": "image"}, {"from": "constant"})
 
 
+UNUSED = "not used by the layout"
+
+
+def unused(parsed: ParsedSource, root: Path) -> list[str]:
+    """Files under the root that the layout did not read, each reported with a reason."""
+    return sorted(
+        Path(s.file).relative_to(root).as_posix() for s in parsed.skipped if s.reason.startswith(UNUSED)
+    )
+
+
+def without_unused(parsed: ParsedSource) -> ParsedSource:
+    kept = [s for s in parsed.skipped if not s.reason.startswith(UNUSED)]
+    return ParsedSource(parsed.images, parsed.objects, kept)
+
+
 def test_chula_rbc12(chula: ParsedSource):
     root = dataset("chula-rbc-12")
     images, objects = chula.images, chula.objects
     assert len(images) == 738
     assert set(zip(images["width"], images["height"], strict=True)) == {(640, 480)}
-    assert len(chula.skipped) == 0  # no duplicate or out-of-bounds lines in this copy
+    assert unused(chula, root) == ["LICENSE", "README.md"]
+    assert len(without_unused(chula).skipped) == 0  # no duplicate or out-of-bounds lines in this copy
     assert len(objects) == 22_106
     assert objects["label"].value_counts().to_dict() == CHULA_COUNTS
     assert objects[["x0", "y0", "x1", "y1"]].isna().all().all()
@@ -127,6 +143,17 @@ def test_txl_pbc(txl: ParsedSource):
         "txl_pbc:bcd": 219,
     }
     assert images["split"].value_counts().to_dict() == {"train": 1008, "val": 288, "test": 144}
+    assert unused(txl, dataset("txl-pbc")) == [
+        "LICENSE.txt",
+        "README.md",
+        "TXL_PBC/README.md",
+        "TXL_PBC/data.yaml",
+        "TXL_PBC/labels/classes.txt",
+        "TXL_PBC/labels/test/classes.txt",
+        "TXL_PBC/labels/train/classes.txt",
+        "TXL_PBC/labels/val/classes.txt",
+    ]
+    txl = without_unused(txl)
     assert txl.skipped_by_reason() == Counter({"duplicate box": 38})
     source_of = {Path(f).stem: src for f, src in zip(images["file"], images["source"], strict=True)}
     assert Counter(source_of[Path(s.file).stem] for s in txl.skipped) == {
@@ -155,6 +182,8 @@ def test_bccd(bccd: ParsedSource):
     assert set(zip(images["width"], images["height"], strict=True)) == {(640, 480)}
     assert images["split"].value_counts().to_dict() == {"train": 205, "val": 87, "test": 72}
     # README: RBC 4,155; two RBC boxes in 00338.xml and 00343.xml have xmin == xmax and ymin == ymax
+    assert unused(bccd, root) == ["BCCD/ImageSets/Main/trainval.txt", "LICENSE", "README.md"]
+    bccd = without_unused(bccd)
     assert bccd.skipped_by_reason() == Counter({"degenerate box": 2})
     assert sorted(Path(s.file).name for s in bccd.skipped) == ["BloodImage_00338.xml", "BloodImage_00343.xml"]
     assert objects["label"].value_counts().to_dict() == {"RBC": 4153, "WBC": 372, "Platelets": 361}

@@ -19,7 +19,11 @@ import pytest
 
 from reddino.data.sources.catalog import DownloadSpec, SourceSpec
 from reddino.data.sources.download import (
+    DEFAULT_LIMITS,
+    ArchiveLimitError,
+    ArchiveLimits,
     DatasetUnavailableError,
+    DownloadFailedError,
     UnsafeArchiveError,
     UnverifiedDownloadError,
     fetch_source,
@@ -400,3 +404,68 @@ def test_interrupted_download_resumes_from_the_part_file(range_server, tmp_path)
     assert (cache / "toy-0-toy.zip").read_bytes() == payload
     assert (root / "images" / "b.png").read_bytes() == b"png-b"
     assert not list(cache.glob(".*.part"))
+
+
+# --------------------------------------------------------------------------------------------------
+# caps on what an archive may unpack to, and cached downloads re-checked on reuse
+
+
+def deflated_zip(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_a_zip_bomb_is_refused_before_anything_is_written(tmp_path):
+    archive = tmp_path / "bomb.zip"
+    archive.write_bytes(deflated_zip({"a/zeros.bin": bytes(DEFAULT_LIMITS.ratio_free_bytes + (1 << 20))}))
+    assert archive.stat().st_size < 200_000  # ~65 MiB of zeros in well under 1 MiB
+    with pytest.raises(ArchiveLimitError, match=r"bomb\.zip: .* unpack to .*decompression bomb"):
+        safe_extract_zip(archive, tmp_path / "out")
+    assert files_under(tmp_path / "out") == []
+
+
+def test_archive_member_count_and_size_caps(tmp_path):
+    archive = tmp_path / "many.zip"
+    archive.write_bytes(zip_bytes({f"d/{i}.png": b"x" * 10 for i in range(5)}))
+    with pytest.raises(ArchiveLimitError, match="5 members, more than the cap of 4"):
+        safe_extract_zip(archive, tmp_path / "out", limits=ArchiveLimits(max_members=4))
+    with pytest.raises(ArchiveLimitError, match="unpacks to 50 bytes, more than the cap of 49"):
+        safe_extract_zip(archive, tmp_path / "out", limits=ArchiveLimits(max_total_bytes=49))
+    tar = tmp_path / "bomb.tar.gz"
+    tar.write_bytes(tar_bytes([_file("w/zeros.bin", bytes(4 << 20))], mode="w:gz"))
+    with pytest.raises(ArchiveLimitError, match="decompression bomb"):
+        safe_extract_tar(tar, tmp_path / "out", limits=ArchiveLimits(ratio_free_bytes=1 << 20))
+    assert files_under(tmp_path / "out") == []
+    assert len(safe_extract_zip(archive, tmp_path / "ok")) == 5  # within the default caps
+
+
+def test_a_cached_unverified_download_is_rechecked_on_reuse(server, tmp_path):
+    url, served, requests = server
+    (served / "toy.zip").write_bytes(zip_bytes(GOOD_ZIP))
+    spec = make_spec(DownloadSpec(f"{url}/toy.zip", None, "zip", ".", strip_components=1))
+    data_root = tmp_path / "data"
+    root = fetch_source(spec, data_root, offline=False, allow_unverified=True)
+    cached = data_root / ".downloads" / "toy-0-toy.zip"
+    assert (cached.parent / "toy-0-toy.zip.sha256").read_text().strip() == sha256(cached.read_bytes())
+    import shutil
+
+    shutil.rmtree(root)
+    assert fetch_source(spec, data_root, offline=False, allow_unverified=True) == root  # unchanged: reused
+    assert requests == ["/toy.zip"]
+    shutil.rmtree(root)
+    cached.write_bytes(zip_bytes({"toy-main/images/evil.png": b"swapped"}))
+    with pytest.raises(DownloadFailedError, match="changed since it was downloaded"):
+        fetch_source(spec, data_root, offline=False, allow_unverified=True)
+    (cached.parent / "toy-0-toy.zip.sha256").unlink()
+    with pytest.raises(DownloadFailedError, match="without a recorded hash"):
+        fetch_source(spec, data_root, offline=False, allow_unverified=True)
+    assert not root.exists()
+
+
+def test_a_failed_download_names_the_source_and_url(tmp_path, served):
+    spec = make_spec(DownloadSpec("http://127.0.0.1:9/gone.zip", "0" * 64, "zip", "."))
+    with pytest.raises(DownloadFailedError, match=r"toy: download of http://127\.0\.0\.1:9/gone\.zip failed"):
+        fetch_source(spec, tmp_path / "data", offline=False)

@@ -152,7 +152,7 @@ CHULA_LABELS = "\n".join(
         "40 5 0",  # 7 outside (x == width)
         "-1 5 0",  # 8 outside
         "10 12 0",  # 9 duplicate of line 1
-        "10 12 1",  # 10 same point, other class: kept
+        "10 12 1",  # 10 same point, other class: a conflict, both dropped
         "3.5 4.5 1.0",  # 11 float coordinates and class id: ok
         "1 1 0.5",  # 12 malformed class id
         "7 7 0 9",  # 13 malformed (4 fields)
@@ -189,17 +189,18 @@ def test_centre_points_good_and_bad_lines(tmp_path):
         ("1.txt", 7, "point outside image"),
         ("1.txt", 8, "point outside image"),
         ("1.txt", 9, "duplicate point"),
+        ("1.txt", 10, "conflicting classes"),
         ("1.txt", 12, "malformed line"),
         ("1.txt", 13, "malformed line"),
+        ("1.txt", 1, "conflicting classes at (10, 12)"),
         ("4.jpg", None, "cannot read image header"),
     ]
     assert parsed.skipped[5].reason == "duplicate point: same as line 1"
+    assert parsed.skipped[6].reason == "conflicting classes: line 1 says 0"
     objects = parsed.objects
-    assert names(objects) == ["1.jpg"] * 4 + ["10.jpg"] * 2
+    assert names(objects) == ["1.jpg"] * 2 + ["10.jpg"] * 2
     assert list(zip(objects["cx"], objects["cy"], objects["label"], strict=True)) == [
-        (10, 12, "normal"),
         (20, 5, "macro"),
-        (10, 12, "macro"),
         (3.5, 4.5, "macro"),
         (1, 2, "normal"),
         (3, 4, "normal"),
@@ -212,7 +213,7 @@ def test_centre_points_good_and_bad_lines(tmp_path):
 def test_centre_points_without_class_map_keeps_ids(tmp_path):
     make_chula(tmp_path)
     parsed = PARSERS["centre_points"](tmp_path, images="Dataset/*.jpg", labels="Label/{stem}.txt")
-    assert parsed.objects["label"].value_counts().to_dict() == {"0": 3, "1": 3, "7": 1}
+    assert parsed.objects["label"].value_counts().to_dict() == {"0": 2, "1": 2, "7": 1}
     assert "unknown class id" not in parsed.skipped_by_reason()
 
 
@@ -499,7 +500,7 @@ def test_parse_source_image_size_sources_drop_unmapped_images_and_their_objects(
     assert list(parsed.images["source"]) == ["txl:big", "txl:big"]
     assert list(parsed.images["subject"]) == ["txl:big/set/images/train/a", "txl:big/set/images/val/c"]
     assert set(names(parsed.objects)) == {"a.jpg"} and len(parsed.objects) == 4
-    assert parsed.skipped[-1].reason == "unmapped image size: 30x30"
+    assert "unmapped image size: 30x30" in [s.reason for s in parsed.skipped]
     assert parsed.skipped_by_reason()["unmapped image size"] == 1
 
 
@@ -519,7 +520,11 @@ def test_parse_source_subject_specs(tmp_path):
     assert set(run({"from": "image"}).images["source"]) == {"chula"}
     by_regex = run({"from": "regex", "pattern": r"/(1\d*)\.jpg$"})
     assert by_regex.images["subject"].tolist() == ["chula/1", "chula/10"]
-    assert skips(by_regex)[-2:] == [
+    assert [
+        k
+        for k in skips(by_regex)
+        if k[2] != "not used by the layout (neither one of its images nor an annotation file it reads)"
+    ][-2:] == [
         ("2.jpg", None, "subject pattern did not match"),
         ("3.jpg", None, "subject pattern did not match"),
     ]
@@ -560,3 +565,44 @@ def test_every_parser_result_has_the_record_columns_and_no_nan_points(tmp_path):
     check_columns(parsed)
     assert parsed.images["width"].dtype == "int64"
     assert not any(math.isnan(v) for v in parsed.objects["cx"])
+
+
+# ------------------------------------------------------------------------------------------ unused files
+
+
+def test_every_unused_file_under_the_root_gets_a_reason(tmp_path):
+    import os
+
+    make_chula(tmp_path)
+    write_image(tmp_path / "other" / "anim.gif")
+    write_image(tmp_path / "extra" / "stray.png")
+    write_text(tmp_path / "README.md", "about")
+    pages = [Image.new("RGB", (40, 30), c) for c in ((1, 2, 3), (4, 5, 6), (7, 8, 9))]
+    pages[0].save(tmp_path / "Dataset" / "stack.tif", save_all=True, append_images=pages[1:])
+    os.symlink(tmp_path / "nowhere.png", tmp_path / "Dataset" / "dangling.png")
+    os.symlink("loop_b", tmp_path / "loop_a")
+    os.symlink("loop_a", tmp_path / "loop_b")
+    layout = {**CHULA_LAYOUT, "parser": "centre_points", "images": "Dataset/*.*"}
+    parsed = parse_source("chula", tmp_path, layout, None, None)
+    reasons = {Path(s.file).name: s.reason for s in parsed.skipped if s.line is None}
+    assert reasons["anim.gif"] == "unsupported image type .gif (read: .png, .jpg, .jpeg, .tif, .tiff, .bmp)"
+    assert reasons["stray.png"] == "image not matched by the layout's images pattern"
+    assert reasons["README.md"].startswith("not used by the layout")
+    assert reasons["stack.tif"] == "pages 2-3 of a 3-page image not used (the first page is)"
+    assert reasons["dangling.png"].startswith("dangling symbolic link to ")
+    assert reasons["loop_a"].startswith("symbolic link loop") and reasons["loop_b"].startswith("symbolic")
+    assert "stack.tif" in names(parsed.images)
+    # the label files the parser read and the images it used are not reported
+    assert not {"1.txt", "2.txt", "10.txt", "1.jpg", "3.jpg"} & set(reasons)
+
+
+def test_a_csv_table_cannot_reach_outside_the_dataset_folder(tmp_path):
+    write_image(tmp_path / "outside.png")
+    root = tmp_path / "root"
+    write_image(root / "imgs" / "a.png")
+    write_text(root / "t.csv", "path,label\na.png,x\n../../outside.png,x\n")
+    parsed = PARSERS["csv_table"](
+        root, table="t.csv", images_dir="imgs", file_column="path", label_column="label"
+    )
+    assert names(parsed.images) == ["a.png"]
+    assert skips(parsed) == [("t.csv", 3, "image outside the dataset folder")]

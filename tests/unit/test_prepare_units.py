@@ -162,9 +162,9 @@ def test_prepare_parsed_resumes_chunks(tmp_path):
 
     args = (tmp_path / "work", PATCHES, CELLS, None, 8, 2, segment, {"v": 1})
     first, counts = prepare_parsed("ds", parsed, *args)
-    assert counts == {"computed": 3, "reused": 0} and len(calls) == 5
+    assert counts == {"computed": 3, "reused": 0, "redone": 0} and len(calls) == 5
     again, counts = prepare_parsed("ds", parsed, *args)
-    assert counts == {"computed": 0, "reused": 3} and len(calls) == 5
+    assert counts == {"computed": 0, "reused": 3, "redone": 0} and len(calls) == 5
     pd.testing.assert_frame_equal(first.units, again.units)
     assert "malformed line" in set(again.skipped["reason"])
     # a changed setting invalidates the work; a changed file invalidates only its chunk
@@ -172,7 +172,22 @@ def test_prepare_parsed_resumes_chunks(tmp_path):
     assert counts["computed"] == 3
     write(files[4], smear(64, 64, [(30, 30, 9)]))
     _, counts = prepare_parsed("ds", parsed, *args[:-1], {"v": 2})
-    assert counts == {"computed": 1, "reused": 2}
+    assert counts == {"computed": 1, "reused": 2, "redone": 0}
+
+
+def test_a_truncated_finished_chunk_is_computed_again(tmp_path, caplog):
+    files = [write(tmp_path / f"{i}.png", smear(64, 64, [(20 + i, 20, 8)])) for i in range(4)]
+    parsed = ParsedSource(image_rows(files), empty_objects(), [])
+    no_cells = pd.DataFrame({c: [] for c in ("x0", "y0", "x1", "y1", "cx", "cy", "area")})
+    args = (tmp_path / "work", PATCHES, CELLS, None, 8, 2, lambda rgb: no_cells, {"v": 1})
+    first, _ = prepare_parsed("ds", parsed, *args)
+    units = sorted((tmp_path / "work" / "parts").glob("00001-*.units.parquet"))[0]
+    units.write_bytes(units.read_bytes()[:40])  # cut short, e.g. a full disk on a copy
+    with caplog.at_level("WARNING", logger="reddino.prepare"):
+        again, counts = prepare_parsed("ds", parsed, *args)
+    assert counts == {"computed": 1, "reused": 1, "redone": 1}
+    assert "is unreadable" in caplog.text and "computing it again" in caplog.text
+    pd.testing.assert_frame_equal(first.units, again.units)
 
 
 def test_find_duplicates_keeps_the_earlier_dataset(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,12 +20,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from reddino.data.dedup import perceptual_hash
 from reddino.data.io import BadImageError, read_rgb
 from reddino.data.manifest import UNIT_COLUMNS
 from reddino.data.patches import foreground_fraction, square_boxes, tile_boxes
 from reddino.data.sources.records import ParsedSource, Skipped
+
+log = logging.getLogger("reddino.prepare")
 
 # manifest = the units table plus where each unit came from
 MANIFEST_COLUMNS = (*UNIT_COLUMNS, "split", "dataset", "image_hash")
@@ -261,17 +265,19 @@ def prepare_parsed(
     parts = work_dir / "parts"
     images = parsed.images.sort_values("file", kind="stable").reset_index(drop=True)
     results: list[ChunkResult] = []
-    counts = {"computed": 0, "reused": 0}
+    counts = {"computed": 0, "reused": 0, "redone": 0}  # redone: a finished chunk found unreadable
     for start in range(0, len(images), chunk_size):
         chunk = images.iloc[start : start + chunk_size]
         key = fingerprint(settings, chunk["file"].tolist())
         paths = {
             k: parts / f"{start // chunk_size:05d}-{key}.{k}.parquet" for k in ("units", "images", "skipped")
         }
-        if all(p.is_file() for p in paths.values()):
-            result = ChunkResult(*(pd.read_parquet(paths[k]) for k in ("units", "images", "skipped")))
+        finished = all(p.is_file() for p in paths.values())
+        result = _read_finished_chunk(paths) if finished else None
+        if result is not None:
             counts["reused"] += 1
         else:
+            counts["redone"] += int(finished)
             objects = parsed.objects[parsed.objects["file"].isin(set(chunk["file"]))]
             result = process_chunk(dataset, chunk, objects, patches, cells, pixel_size_um, hash_size, segment)
             # images last: its presence marks the chunk complete
@@ -289,6 +295,18 @@ def prepare_parsed(
         ),
     )
     return merged, counts
+
+
+def _read_finished_chunk(paths: Mapping[str, Path]) -> ChunkResult | None:
+    """A finished chunk's tables, or None (logged) when one of them is truncated or unreadable, so the
+    chunk is computed again instead of crashing the rerun."""
+    try:
+        return ChunkResult(*(pd.read_parquet(paths[k]) for k in ("units", "images", "skipped")))
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        log.warning("work chunk %s is unreadable (%s): computing it again", paths["images"].name, exc)
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+        return None
 
 
 def _concat(frames: Sequence[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:

@@ -182,7 +182,11 @@ class ClassicalSegmenter:
 
     All parameters are required keyword arguments (the Hydra config writes each one down):
 
-    * ``cell_diameter``: expected cell diameter in px; sets the watershed peak spacing.
+    * ``cell_diameter``: expected cell diameter in px; sets the watershed peak spacing, and every other
+      px parameter below is written for cells of this size.
+    * ``estimate_diameter``: estimate each image's own cell diameter (``estimate_cell_diameter``) and
+      scale every px parameter by estimate / ``cell_diameter``, so a smear at another magnification
+      (cells of 80 px instead of 40) is not cut into pieces; false keeps the parameters as written.
     * ``foreground``: one of ``FOREGROUND_MAPS`` (see ``foreground_map``).
     * ``threshold``: ``"otsu" | "li" | "triangle" | "yen"`` or a fixed value in [0, 1];
       ``threshold_factor`` scales an automatic one (< 1 also takes in the paler cell rims).
@@ -206,6 +210,7 @@ class ClassicalSegmenter:
         self,
         *,
         cell_diameter: float,
+        estimate_diameter: bool,
         foreground: str,
         threshold: str | float,
         threshold_factor: float,
@@ -229,6 +234,7 @@ class ClassicalSegmenter:
                 f"got {cell_diameter}, {min_area}, {max_area}"
             )
         self.cell_diameter = float(cell_diameter)
+        self.estimate_diameter = bool(estimate_diameter)
         self.foreground = foreground
         self.threshold = threshold
         self.threshold_factor = float(threshold_factor)
@@ -248,8 +254,8 @@ class ClassicalSegmenter:
         params = {k: v for k, v in vars(self).items() if k != "selection_note"}
         return {"backend": self.name, **params, "selection_note": self.selection_note}
 
-    def foreground_mask(self, image: np.ndarray) -> np.ndarray:
-        """Boolean cell mask before splitting: threshold, close rims, fill pallor, drop specks."""
+    def stained(self, image: np.ndarray) -> np.ndarray:
+        """The thresholded stain mask (no hole filling or size filters); empty for a blank image."""
         fmap = foreground_map(image, self.foreground)
         if self.smooth_sigma > 0:
             fmap = cv2.GaussianBlur(fmap, (0, 0), self.smooth_sigma)
@@ -257,6 +263,44 @@ class ClassicalSegmenter:
         mask = fmap > t
         if not mask.any() or mask.all() or fmap[mask].mean() - fmap[~mask].mean() < self.min_contrast:
             return np.zeros(mask.shape, bool)
+        return mask
+
+    def scale_for(self, image: np.ndarray) -> float:
+        """Estimated cell diameter / ``cell_diameter`` (1 when not estimating or when it cannot tell)."""
+        if not self.estimate_diameter:
+            return 1.0
+        estimate = estimate_cell_diameter(self.stained(image))
+        if estimate is None:
+            return 1.0
+        return float(np.clip(estimate / self.cell_diameter, MIN_SCALE, MAX_SCALE))
+
+    def at_scale(self, scale: float) -> ClassicalSegmenter:
+        """The same segmenter with every px parameter written for cells ``scale`` times as large."""
+        if scale == 1.0:
+            return self
+        area = scale * scale
+        return ClassicalSegmenter(
+            cell_diameter=self.cell_diameter * scale,
+            estimate_diameter=False,
+            foreground=self.foreground,
+            threshold=self.threshold,
+            threshold_factor=self.threshold_factor,
+            min_contrast=self.min_contrast,
+            smooth_sigma=self.smooth_sigma * scale,
+            closing_radius=round(self.closing_radius * scale),
+            max_hole_area=round(self.max_hole_area * area),
+            peak_separation=self.peak_separation,
+            distance_sigma=self.distance_sigma * scale,
+            min_area=round(self.min_area * area),
+            max_area=round(self.max_area * area),
+            border_min_area=round(self.border_min_area * area),
+        )
+
+    def foreground_mask(self, image: np.ndarray) -> np.ndarray:
+        """Boolean cell mask before splitting: threshold, close rims, fill pallor, drop specks."""
+        mask = self.stained(image)
+        if not mask.any():
+            return mask
         if self.closing_radius > 0:
             size = 2 * self.closing_radius + 1
             kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
@@ -268,11 +312,43 @@ class ClassicalSegmenter:
     def segment(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> (H, W) int32 labels, 0 = background, cells numbered 1..n."""
         _check_rgb(image)
+        return self.at_scale(self.scale_for(image)).segment_as_written(image)
+
+    def segment_as_written(self, image: np.ndarray) -> np.ndarray:
+        """``segment`` with the px parameters as they are (no diameter estimate)."""
         mask = self.foreground_mask(image)
         if not mask.any():
             return np.zeros(mask.shape, np.int32)
         labels = _split_touching(mask, self.cell_diameter, self.peak_separation, self.distance_sigma)
         return _relabel_filtered(labels, self.min_area, self.max_area, self.border_min_area)
+
+
+MIN_SCALE, MAX_SCALE = 0.25, 4.0  # estimates outside are clipped: 10-160 px cells for a 40 px reference
+MIN_RADIUS_PX = 2.0  # components thinner than this are specks, not cells
+MIN_COMPONENTS = 3  # fewer interior objects: no estimate
+
+
+def estimate_cell_diameter(stained: np.ndarray) -> float | None:
+    """Typical cell diameter (px) in a stain mask: twice the median inscribed radius of its objects.
+
+    Each object's central pallor is filled first, so a ring-stained RBC counts as the disc it is. The
+    largest inscribed circle of a clump of touching cells is still about one cell, which makes the
+    inscribed radius robust where areas are not (a clump of 5 has 5 times the area). Objects cut by the
+    image border and specks are left out; None when fewer than ``MIN_COMPONENTS`` objects remain.
+    """
+    filled = ndi.binary_fill_holes(stained)
+    labels, n = ndi.label(filled)
+    if n == 0:
+        return None
+    dist = cv2.distanceTransform(filled.astype(np.uint8), cv2.DIST_L2, 5)
+    radii = np.asarray(ndi.maximum(dist, labels, index=np.arange(1, n + 1)), dtype=np.float64)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    interior = np.ones(n, bool)
+    interior[edge[edge > 0] - 1] = False
+    radii = radii[interior & (radii >= MIN_RADIUS_PX)]
+    if len(radii) < MIN_COMPONENTS:
+        return None
+    return float(2.0 * np.median(radii))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import tarfile
 import tempfile
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
@@ -48,6 +49,46 @@ class DatasetUnavailableError(RuntimeError):
 
 class UnverifiedDownloadError(ValueError):
     """A download without a known checksum was requested without ``allow_unverified``."""
+
+
+class DownloadFailedError(ValueError):
+    """A download that failed (network, server, checksum) or a cached file that no longer matches."""
+
+
+class ArchiveLimitError(ValueError):
+    """An archive past the member-count, size or compression-ratio caps (a zip bomb, or not a dataset)."""
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Caps checked on an archive's own listing before anything is written.
+
+    Images compress little (JPEG/PNG already are), so a dataset archive unpacks to about its own size;
+    the ratio cap only applies past ``ratio_free_bytes``, since tiny archives of text compress well.
+    """
+
+    max_members: int = 2_000_000
+    max_total_bytes: int = 1 << 40  # 1 TiB
+    max_ratio: float = 100.0
+    ratio_free_bytes: int = 64 << 20
+
+    def check(self, archive: Path, members: int, total_bytes: int) -> None:
+        if members > self.max_members:
+            raise ArchiveLimitError(f"{archive}: {members} members, more than the cap of {self.max_members}")
+        if total_bytes > self.max_total_bytes:
+            raise ArchiveLimitError(
+                f"{archive}: unpacks to {total_bytes} bytes, more than the cap of {self.max_total_bytes}"
+            )
+        size = max(archive.stat().st_size, 1)
+        if total_bytes > self.ratio_free_bytes and total_bytes / size > self.max_ratio:
+            raise ArchiveLimitError(
+                f"{archive}: {size} bytes unpack to {total_bytes} (ratio {total_bytes / size:.0f}, cap "
+                f"{self.max_ratio:.0f}); refused as a likely decompression bomb"
+            )
+
+
+DEFAULT_LIMITS = ArchiveLimits()
+HASH_SUFFIX = ".sha256"
 
 
 class UnsafeArchiveError(ValueError):
@@ -134,20 +175,58 @@ def partial_path(url: str, output_file: Path) -> Path:
 
 def retrieve(spec: SourceSpec, index: int, entry: DownloadSpec, cache: Path) -> Path:
     """Download one catalog file into ``cache`` with pooch (reused when already there and valid;
-    an interrupted download resumes where it stopped)."""
+    an interrupted download resumes where it stopped).
+
+    Without a catalog sha256, the hash of what was downloaded is kept beside it (``<file>.sha256``) and
+    a reused file must still match it, so a cached archive changed after its download is refused.
+    """
+    import requests
+
     known_hash = f"sha256:{entry.sha256}" if entry.sha256 else None
+    cached = cache / download_name(spec, index, entry)
+    if known_hash is None and cached.is_file():
+        check_recorded_hash(spec, cached)
     try:
-        path = pooch.retrieve(
-            entry.url,
-            known_hash=known_hash,
-            fname=download_name(spec, index, entry),
-            path=cache,
-            progressbar=False,
-            downloader=ResumableHTTPDownloader(),
+        path = Path(
+            pooch.retrieve(
+                entry.url,
+                known_hash=known_hash,
+                fname=cached.name,
+                path=cache,
+                progressbar=False,
+                downloader=ResumableHTTPDownloader(),
+            )
         )
-    except ValueError as exc:  # pooch reports a checksum mismatch as ValueError
-        raise ValueError(f"{spec.name}: download of {entry.url} failed: {exc}") from exc
-    return Path(path)
+    except (ValueError, OSError, requests.RequestException) as exc:  # checksum mismatch is ValueError
+        raise DownloadFailedError(f"{spec.name}: download of {entry.url} failed: {exc}") from exc
+    record = path.with_name(path.name + HASH_SUFFIX)
+    if not record.is_file():
+        record.write_text(file_sha256(path) + "\n")
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_recorded_hash(spec: SourceSpec, path: Path) -> None:
+    """A cached download without a catalog sha256 must match the hash recorded when it was fetched."""
+    record = path.with_name(path.name + HASH_SUFFIX)
+    if not record.is_file():
+        raise DownloadFailedError(
+            f"{spec.name}: {path} is cached without a recorded hash ({record.name}), so it cannot be "
+            "checked; delete it to download again"
+        )
+    expected, actual = record.read_text().strip(), file_sha256(path)
+    if actual != expected:
+        raise DownloadFailedError(
+            f"{spec.name}: {path} changed since it was downloaded (sha256 {actual}, recorded {expected}); "
+            "delete it to download again"
+        )
 
 
 def download_name(spec: SourceSpec, index: int, entry: DownloadSpec) -> str:
@@ -250,7 +329,9 @@ def _check_inside(archive: Path, name: str, path: Path, target: Path) -> None:
         raise UnsafeArchiveError(archive, name, "resolves outside the target folder")
 
 
-def safe_extract_zip(archive: Path, target: Path, *, strip_components: int = 0) -> list[Path]:
+def safe_extract_zip(
+    archive: Path, target: Path, *, strip_components: int = 0, limits: ArchiveLimits = DEFAULT_LIMITS
+) -> list[Path]:
     """Extract a zip into ``target`` after checking every member; returns the files written.
 
     Links are refused outright: zipfile would write them as small text files, which is never what a
@@ -259,8 +340,10 @@ def safe_extract_zip(archive: Path, target: Path, *, strip_components: int = 0) 
     archive, target = Path(archive), Path(target).resolve()
     target.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        limits.check(archive, len(infos), sum(i.file_size for i in infos))
         plan = []
-        for info in zf.infolist():
+        for info in infos:
             dest = _member_dest(archive, info.filename, target, strip_components)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
@@ -286,7 +369,9 @@ def safe_extract_zip(archive: Path, target: Path, *, strip_components: int = 0) 
     return written
 
 
-def safe_extract_tar(archive: Path, target: Path, *, strip_components: int = 0) -> list[Path]:
+def safe_extract_tar(
+    archive: Path, target: Path, *, strip_components: int = 0, limits: ArchiveLimits = DEFAULT_LIMITS
+) -> list[Path]:
     """Extract a (possibly compressed) tar into ``target`` after checking every member.
 
     Our checks run first so that errors name the member; tarfile's own ``data`` filter (Python
@@ -295,7 +380,9 @@ def safe_extract_tar(archive: Path, target: Path, *, strip_components: int = 0) 
     archive, target = Path(archive), Path(target).resolve()
     target.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive) as tf:
-        checked = [(m.name, _tar_member(archive, m, target, strip_components)) for m in tf]
+        listing = tf.getmembers()  # reads the headers only (a compressed tar is decompressed once)
+        limits.check(archive, len(listing), sum(m.size for m in listing if m.isfile()))
+        checked = [(m.name, _tar_member(archive, m, target, strip_components)) for m in listing]
         members = [c for _, c in checked if c is not None]
         _check_link_traversal(archive, [(name, c) for name, c in checked if c is not None])
         if hasattr(tarfile, "data_filter"):

@@ -17,6 +17,7 @@ import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,15 @@ NAN = float("nan")
 
 # --------------------------------------------------------------------------------------------------
 # shared helpers
+
+_FILES_READ: ContextVar[set[str] | None] = ContextVar("files_read", default=None)
+
+
+def _note_read(path: Path) -> None:
+    """Record an annotation file a parser reads, so that ``unused_files`` does not report it."""
+    seen = _FILES_READ.get()
+    if seen is not None:
+        seen.add(str(path))
 
 
 @dataclass
@@ -72,28 +82,39 @@ class _Collector:
 
     def header(self, path: Path) -> tuple[int, int] | None:
         """The image size from its header, or None after recording why it cannot be read."""
-        size = read_size(path)
-        if isinstance(size, str):
-            self.skip(path, f"cannot read image header: {size}")
+        header = read_header(path)
+        if isinstance(header, str):
+            self.skip(path, f"cannot read image header: {header}")
             return None
+        width, height, pages = header
+        if pages > 1:  # multi-page TIFF (or animation): the first page is the image
+            self.skip(path, f"pages 2-{pages} of a {pages}-page image not used (the first page is)")
+        size = (width, height)
         return size
 
     def result(self) -> ParsedSource:
         return ParsedSource(_images_frame(self.images), _objects_frame(self.objects), list(self.skipped))
 
 
-def read_size(path: Path) -> tuple[int, int] | str:
-    """(width, height) from the image header, or a short description of why it cannot be read."""
+def read_header(path: Path) -> tuple[int, int, int] | str:
+    """(width, height, pages) from the image header, or a short description of why it cannot be read."""
     try:
         if path.stat().st_size == 0:
             return "empty file"
         with Image.open(path) as im:
             width, height = upright_size(im)  # the size read_rgb gives: EXIF orientation applied
+            pages = int(getattr(im, "n_frames", 1))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return f"{type(exc).__name__}: {exc}"
     if width <= 0 or height <= 0:
         return f"zero-area image {width}x{height}"
-    return int(width), int(height)
+    return int(width), int(height), pages
+
+
+def read_size(path: Path) -> tuple[int, int] | str:
+    """(width, height) from the image header, or a short description of why it cannot be read."""
+    header = read_header(path)
+    return header if isinstance(header, str) else header[:2]
 
 
 def _images_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -165,6 +186,7 @@ def _floats(tokens: Sequence[str]) -> list[float] | None:
 def _read_lines(path: Path, col: _Collector) -> list[str] | None:
     """A label file's lines (BOM and CRLF tolerated), or None after recording why it cannot be read."""
     try:
+        _note_read(path)
         return path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
     except OSError as exc:
         col.skip(path, f"cannot read label file: {exc}")
@@ -267,7 +289,8 @@ def parse_centre_points(
     "Label/{stem}.txt"); ``class_names`` {id: name} (unknown ids are skipped when given).
     Images without a label file stay as unlabelled images (still usable for patches). Bad lines
     (malformed, unknown class, point outside the image, repeated point) are skipped with their
-    line number; a repeated point keeps its first line.
+    line number; a repeated point keeps its first line, and a point listed with two different classes
+    is dropped altogether as a conflict.
     """
     names = _label_map(class_names)
     col = _Collector(root)
@@ -311,18 +334,29 @@ def _label_lines(
 def _parse_point_lines(
     label_file: Path, image: Path, size: tuple[int, int], names: dict[str, str] | None, col: _Collector
 ) -> None:
-    seen: dict[tuple[float, float, str], int] = {}
+    seen: dict[tuple[float, float], tuple[int, str]] = {}
+    kept: dict[tuple[float, float], tuple[float, float, str]] = {}
+    conflicts: set[tuple[float, float]] = set()
     for number, class_id, label, xy in _label_lines(label_file, 2, False, names, col):
         x, y = xy
         if not (0 <= x < size[0] and 0 <= y < size[1]):
             col.skip(label_file, f"point outside image: ({x:g}, {y:g}) in {size[0]}x{size[1]}", number)
             continue
-        key = (x, y, class_id)
-        if key in seen:
-            col.skip(label_file, f"duplicate point: same as line {seen[key]}", number)
+        if (x, y) in seen:
+            first, first_class = seen[(x, y)]
+            if first_class == class_id:
+                col.skip(label_file, f"duplicate point: same as line {first}", number)
+            else:  # one cell, two classes: neither label can be trusted
+                col.skip(label_file, f"conflicting classes: line {first} says {first_class}", number)
+                conflicts.add((x, y))
             continue
-        seen[key] = number
-        col.point(image, x, y, label)
+        seen[(x, y)] = (number, class_id)
+        kept[(x, y)] = (x, y, label)
+    for key, (x, y, label) in kept.items():
+        if key in conflicts:
+            col.skip(label_file, f"conflicting classes at ({x:g}, {y:g}): point dropped", seen[key][0])
+        else:
+            col.point(image, x, y, label)
 
 
 def parse_yolo(
@@ -431,6 +465,7 @@ def parse_voc(
     seen_images: dict[Path, Path] = {}
     for xml_path in _glob(root, annotations):
         try:
+            _note_read(xml_path)
             tree = SafeET.parse(xml_path).getroot()  # hardened: no entities, no external references
         except (ET.ParseError, DefusedXmlException, OSError) as exc:
             col.skip(xml_path, f"cannot parse XML: {exc}")
@@ -461,6 +496,7 @@ def _voc_splits(folder: Path, split_names: Sequence[str]) -> dict[str, str]:
         list_file = folder / f"{split}.txt"
         if not list_file.is_file():
             raise ValueError(f"split list {list_file} does not exist")
+        _note_read(list_file)
         for line in list_file.read_text(encoding="utf-8-sig").splitlines():
             if line.split():
                 splits.setdefault(line.split()[0], split)
@@ -518,8 +554,10 @@ class _CsvColumns:
 
 @dataclass
 class _CsvState:
-    """What earlier rows established: image sizes, subjects and row keys (for duplicates)."""
+    """What earlier rows established: image sizes, subjects and row keys (for duplicates); ``root``
+    bounds where a row's image may be (a table naming files outside the dataset folder is refused)."""
 
+    root: Path
     sizes: dict[Path, tuple[int, int] | None] = field(default_factory=dict)
     subjects: dict[Path, str] = field(default_factory=dict)
     seen: dict[tuple[Any, ...], int] = field(default_factory=dict)
@@ -553,7 +591,7 @@ def parse_csv_table(
     rows = _read_table(table_path, columns)
     names = _label_map(class_names)
     col = _Collector(root)
-    state = _CsvState()
+    state = _CsvState(root)
     for line, row in rows:
         _csv_row(row, line, table_path, root / images_dir, columns, names, state, col)
     return col.result()
@@ -563,6 +601,7 @@ def _read_table(path: Path, columns: _CsvColumns) -> list[tuple[int, dict[str, s
     """(line number, stripped cells) per data row; a missing table or column is a config error."""
     if not path.is_file():
         raise ValueError(f"CSV table {path} does not exist")
+    _note_read(path)
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         wanted = [c for c in (columns.file, columns.label, columns.subject, *(columns.boxes or ())) if c]
@@ -628,6 +667,8 @@ def _csv_fields(
     """(image, label, subject, box) of one row; raises _RowProblem naming what is wrong."""
     name = cell.get(columns.file, "")
     image = images_dir / name
+    if name and not image.resolve().is_relative_to(state.root.resolve()):
+        raise _RowProblem(f"image outside the dataset folder: {name!r} ({image.resolve()})")
     if not name or not image.is_file():
         raise _RowProblem(f"missing image: {name!r}")
     label = cell.get(columns.label, "") if columns.label else None
@@ -690,9 +731,63 @@ def parse_source(
     subject = dict(subject or {"from": "image"})
     if subject.get("from") == "column" and not layout.get("subject_column"):
         raise ValueError(f"{name}: subject {{from: column}} needs parser csv_table with subject_column")
-    parsed = parser(root, **layout)
+    token = _FILES_READ.set(set())
+    try:
+        parsed = parser(root, **layout)
+        read = _FILES_READ.get() or set()
+    finally:
+        _FILES_READ.reset(token)
     parsed = _apply_source(parsed, name, dict(source or {"from": "constant"}))
-    return _apply_subject(parsed, root, name, subject)
+    parsed = _apply_subject(parsed, root, name, subject)
+    return ParsedSource(parsed.images, parsed.objects, parsed.skipped + unused_files(root, parsed, read))
+
+
+# Image types Pillow may open but the layouts do not read as smears (animations, vector, web formats)
+OTHER_IMAGE_SUFFIXES = (".gif", ".webp", ".heic", ".heif", ".jp2", ".svg", ".ico", ".psd")
+
+
+def unused_files(root: Path, parsed: ParsedSource, read: set[str]) -> list[Skipped]:
+    """A reason for every file under ``root`` that the layout did not use: nothing is dropped silently.
+
+    Used means: an image of the result, a file already skipped with its own reason, or an annotation
+    file the parser read. Links are not followed into folders; broken links and link loops are named.
+    """
+    used = {os.path.normpath(f) for f in (*parsed.images["file"], *parsed.objects["file"])}
+    used |= {os.path.normpath(s.file) for s in parsed.skipped} | {os.path.normpath(f) for f in read}
+    found: list[Skipped] = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for name in sorted(dirs):
+            path = Path(folder) / name
+            if path.is_symlink():
+                reason = _link_problem(path)
+                if reason:
+                    found.append(Skipped(str(path), reason))
+        for name in sorted(files):
+            path = Path(folder) / name
+            if os.path.normpath(path) in used:
+                continue
+            reason = _link_problem(path) if path.is_symlink() else None
+            found.append(Skipped(str(path), reason or _unused_reason(path)))
+    return found
+
+
+def _link_problem(path: Path) -> str | None:
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return f"dangling symbolic link to {os.readlink(path)!r}"
+    except OSError as exc:  # ELOOP
+        return f"symbolic link loop ({exc.strerror})"
+    return None
+
+
+def _unused_reason(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in OTHER_IMAGE_SUFFIXES:
+        return f"unsupported image type {suffix} (read: {', '.join(IMAGE_EXTENSIONS)})"
+    if suffix in IMAGE_EXTENSIONS:
+        return "image not matched by the layout's images pattern"
+    return "not used by the layout (neither one of its images nor an annotation file it reads)"
 
 
 def _parser(key: Any) -> Callable[..., ParsedSource]:
