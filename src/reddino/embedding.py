@@ -63,7 +63,7 @@ def find_units(
         except BadImageError as exc:
             skipped.append({"file": image["file"], "reason": str(exc)})
             continue
-        found, notes = units_of_image(rgb, image, empty_objects(), patches, cells, None, segment)
+        found, notes, _ = units_of_image(rgb, image, empty_objects(), patches, cells, None, segment)
         frames += found
         skipped += [{"file": image["file"], "reason": note} for note in notes]
     units = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(UNIT_COLUMNS))

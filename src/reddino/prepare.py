@@ -36,7 +36,7 @@ from reddino.data.prepare import (
     write_parquet_atomic,
     write_text_atomic,
 )
-from reddino.data.segment import LazySegmenter
+from reddino.data.segment import LOW_COVERAGE, LazySegmenter
 from reddino.data.sources.catalog import SourceSpec, resolve_root
 from reddino.data.sources.download import (
     ArchiveLimitError,
@@ -106,7 +106,7 @@ def prepare_source(
         "hash_size": cfg.dedup.hash_size,
         "pixel_size_um": spec.pixel_size_um,
         "layout": spec.layout,
-        "version": 2,  # bump when the manifest layout changes: old work chunks are then recomputed
+        "version": 3,  # bump when the manifest layout changes: old work chunks are then recomputed
     }
     t0 = time.perf_counter()
     with tqdm(total=len(parsed.images), desc=spec.name, unit="img", disable=not cfg.progress) as bar:
@@ -148,6 +148,26 @@ def summarise(units: pd.DataFrame, images: pd.DataFrame, duplicates: pd.DataFram
     return table.join(dup, how="left").fillna(0).astype(int).reset_index()
 
 
+def segmentation_summary(images: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset and source id, over the images that were segmented: how many, the cells found, the
+    estimated cell diameter, the cell size distribution and how much stained foreground the accepted
+    cells cover (median, and the share of images below ``LOW_COVERAGE``)."""
+    seg = images[images["segmented_cells"].notna()]
+    if seg.empty:
+        return pd.DataFrame(columns=["dataset", "source", "images_segmented"])
+    grouped = seg.groupby(["dataset", "source"])
+    return grouped.agg(
+        images_segmented=("file", "size"),
+        cells=("segmented_cells", "sum"),
+        cell_diameter_px=("cell_diameter_px", "median"),
+        cell_area_p10=("cell_area_p10", "median"),
+        cell_area_median=("cell_area_median", "median"),
+        cell_area_p90=("cell_area_p90", "median"),
+        foreground_covered=("foreground_covered", "median"),
+        images_low_coverage=("foreground_covered", lambda c: int((c < LOW_COVERAGE).sum())),
+    ).reset_index()
+
+
 def report_markdown(report: dict[str, Any], table: pd.DataFrame, reasons: pd.DataFrame) -> str:
     lines = ["# Data preparation report", ""]
     lines += [
@@ -159,6 +179,13 @@ def report_markdown(report: dict[str, Any], table: pd.DataFrame, reasons: pd.Dat
     lines += ["", "## Units", "", markdown_table(table), ""]
     lines += ["## Skipped items by reason", "", markdown_table(reasons) if len(reasons) else "none", ""]
     lines += [f"## Duplicates dropped from the union: {report['duplicates']}", ""]
+    if report["segmentation"]:
+        lines += [
+            "## Segmented images (medians over images)",
+            "",
+            markdown_table(pd.DataFrame(report["segmentation"])),
+        ]
+        lines += [f"- **warning**: {w}" for w in report["segmentation_warnings"]] + [""]
     lines += [
         "## Throughput",
         "",
@@ -237,9 +264,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         .rename("count")
         .reset_index()
     )
+    segmentation = segmentation_summary(all_images)
+    warnings = [
+        f"{r.dataset} / {r.source}: accepted cells cover a median {r.foreground_covered:.0%} of the stained "
+        f"foreground ({r.images_low_coverage} of {r.images_segmented} images below {LOW_COVERAGE:.0%}); "
+        f"estimated cell diameter {r.cell_diameter_px:.0f} px. Check the magnification (pixel size) and "
+        "segmentation settings, or use cellpose"
+        for r in segmentation.itertuples(index=False)
+        if not r.foreground_covered >= LOW_COVERAGE
+    ]
+    for warning in warnings:
+        log.warning(warning)
     report = {
         "output_dir": str(out),
         "segmenter": segment.name,
+        "segmentation": segmentation.to_dict("records"),
+        "segmentation_warnings": warnings,
         "unavailable": unavailable,
         "units": table.to_dict("records"),
         "skipped_by_reason": reasons.to_dict("records"),

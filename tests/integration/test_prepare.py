@@ -148,6 +148,10 @@ def test_prepare_reports_every_bad_input_and_goes_on(make_cfg, tmp_path, monkeyp
     assert (manifest["unit"] == "patch").sum() > 0
     # the unlabelled images (grey, sixteen, rgba, tiny) went through the fallback segmenter
     assert report["segmenter"] == "classical" and cells["label"].isna().sum() > 0
+    (seg,) = report["segmentation"]  # per source: what segmentation found, and how much stain it covers
+    assert seg["dataset"] == "points" and seg["images_segmented"] == 4 and seg["cells"] > 0
+    assert 0 <= seg["foreground_covered"] <= 1 and "Segmented images" in (out / "report.md").read_text()
+    assert images["segmented_cells"].notna().sum() == 4  # per image, in the images manifest
     assert set(report["unavailable"]) == {"empty", "absent", "unverified", "failed"}
     assert report["unavailable"]["unverified"].startswith("UnverifiedDownloadError: unverified: no sha256")
     assert report["unavailable"]["failed"].startswith("DownloadFailedError: failed: download of")

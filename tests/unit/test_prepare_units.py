@@ -302,3 +302,26 @@ def test_materialise_units_writes_identical_crops_once(tmp_path):
     mtimes = [p.stat().st_mtime_ns for p in sorted((tmp_path / "units").rglob("*.png"))]
     materialise_units(units, tmp_path / "units", 4)
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "units").rglob("*.png"))] == mtimes
+
+
+def test_low_segmentation_coverage_is_noted(tmp_path):
+    f = write(tmp_path / "s.png", smear(64, 64, [(20, 20, 8)]))
+
+    def segment(rgb):
+        boxes = pd.DataFrame(
+            {"x0": [2], "y0": [2], "x1": [18], "y1": [18], "cx": [10.0], "cy": [10.0], "area": [80]}
+        )
+        boxes.attrs["segmentation"] = {
+            "segmented_cells": 1.0,
+            "cell_diameter_px": 16.0,
+            "cell_area_p10": 80.0,
+            "cell_area_median": 80.0,
+            "cell_area_p90": 80.0,
+            "foreground_covered": 0.2,
+        }
+        return boxes
+
+    result = process_chunk("ds", image_rows([f]), empty_objects(), PATCHES, CELLS, None, 8, segment)
+    assert result.images["foreground_covered"].tolist() == [0.2]
+    assert result.images["segmented_cells"].tolist() == [1.0]
+    assert any("segmentation covers 20% of the stained foreground" in r for r in result.skipped["reason"])

@@ -20,11 +20,13 @@ from reddino.data.segment import (
     BOX_COLUMNS,
     CellposeSegmenter,
     ClassicalSegmenter,
+    LazySegmenter,
     Segmenter,
     SegmenterWeightsMissing,
     _downloads_forbidden,
     build_segmenter,
     cellpose_default_model,
+    estimate_cell_diameter,
     label_boxes,
     match_centres,
     resolve_cellpose_weights,
@@ -47,7 +49,9 @@ CELLPOSE = {
 RADIUS = 20
 
 
-def draw_smear(shape: tuple[int, int], centres: list[tuple[float, float]], seed: int = 0) -> np.ndarray:
+def draw_smear(
+    shape: tuple[int, int], centres: list[tuple[float, float]], seed: int = 0, radius: float = RADIUS
+) -> np.ndarray:
     """Stained discs on a light background, rendered as optical density (overlaps add, like real smears).
 
     Each disc has a dense rim and a pale centre (the pallor), so a plain threshold leaves a ring and
@@ -58,8 +62,8 @@ def draw_smear(shape: tuple[int, int], centres: list[tuple[float, float]], seed:
     od = np.zeros(shape)
     for cx, cy in centres:
         r = np.hypot(xx - cx, yy - cy)
-        inside = np.clip(RADIUS + 0.5 - r, 0.0, 1.0)
-        od += inside * (0.42 - 0.36 * np.exp(-((r / (0.4 * RADIUS)) ** 2)))
+        inside = np.clip(radius + 0.5 - r, 0.0, 1.0)
+        od += inside * (0.42 - 0.36 * np.exp(-((r / (0.4 * radius)) ** 2)))
     absorb = np.array([0.25, 1.0, 0.55])
     light = np.array([235.0, 232.0, 240.0])
     rng = np.random.default_rng(seed)
@@ -370,3 +374,55 @@ def test_real_cellpose_runs_on_locally_made_weights(model_dirs, no_network, cell
     finally:
         weights.unlink(missing_ok=True)
     assert no_network == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Smears at another magnification
+# --------------------------------------------------------------------------------------------------
+
+
+def scaled_smear(radius: float, pairs: bool = False) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """A 5 x 3 grid of discs of ``radius`` (optionally every second one touching a neighbour)."""
+    step = 4 * radius
+    centres = grid_centres(5, 3, int(step), int(2 * radius))
+    if pairs:
+        centres += [(cx + 1.8 * radius, cy) for cx, cy in centres[::2]]
+    shape = (int(2 * radius + 3 * step), int(2 * radius + 5 * step))
+    return draw_smear(shape, centres, radius=radius), centres
+
+
+@pytest.mark.parametrize("radius", [8, 20, 40])
+def test_the_cell_diameter_is_estimated_at_any_magnification(classical, radius):
+    image, _ = scaled_smear(radius)
+    estimate = estimate_cell_diameter(classical.stained(image))
+    assert estimate is not None and abs(estimate - 2 * radius) <= 0.2 * 2 * radius
+    assert estimate_cell_diameter(np.zeros((50, 50), bool)) is None
+
+
+@pytest.mark.parametrize("radius", [8, 40])
+def test_cells_at_half_or_twice_the_size_come_out_whole(classical, radius):
+    image, centres = scaled_smear(radius, pairs=True)
+    mask = classical.segment(image)
+    hits = [mask[int(cy), int(cx)] for cx, cy in centres]
+    assert all(hits) and len(set(hits)) == len(centres) == int(mask.max())
+    as_written = classical.segment_as_written(image)  # parameters for 40 px cells: misses or splits
+    assert len({as_written[int(cy), int(cx)] for cx, cy in centres} - {0}) < len(centres)
+
+
+def test_at_chula_size_the_parameters_stay_as_written(classical):
+    image, _ = scaled_smear(RADIUS, pairs=True)
+    assert classical.scale_for(image) == 1.0
+    np.testing.assert_array_equal(classical.segment(image), classical.segment_as_written(image))
+    fixed = ClassicalSegmenter(**{**CLASSICAL, "estimate_diameter": False})
+    assert fixed.scale_for(scaled_smear(40)[0]) == 1.0
+
+
+def test_segmentation_stats_travel_with_the_boxes():
+    segment = LazySegmenter({"backend": "classical", "cellpose": CELLPOSE, "classical": CLASSICAL})
+    image, centres = scaled_smear(RADIUS)
+    boxes = segment(image)
+    stats = boxes.attrs["segmentation"]
+    assert stats["segmented_cells"] == len(centres) == len(boxes)
+    assert stats["foreground_covered"] > 0.9
+    assert abs(stats["cell_diameter_px"] - 2 * RADIUS) < 8
+    assert stats["cell_area_p10"] <= stats["cell_area_median"] <= stats["cell_area_p90"]

@@ -26,13 +26,24 @@ from reddino.data.dedup import perceptual_hash
 from reddino.data.io import BadImageError, read_rgb
 from reddino.data.manifest import UNIT_COLUMNS
 from reddino.data.patches import foreground_fraction, square_boxes, tile_boxes
+from reddino.data.segment import LOW_COVERAGE, SEGMENTATION_STATS
 from reddino.data.sources.records import ParsedSource, Skipped
 
 log = logging.getLogger("reddino.prepare")
 
 # manifest = the units table plus where each unit came from
 MANIFEST_COLUMNS = (*UNIT_COLUMNS, "split", "dataset", "image_hash")
-IMAGE_INFO_COLUMNS = ("file", "dataset", "source", "subject", "split", "width", "height", "image_hash")
+IMAGE_INFO_COLUMNS = (
+    "file",
+    "dataset",
+    "source",
+    "subject",
+    "split",
+    "width",
+    "height",
+    "image_hash",
+    *SEGMENTATION_STATS,  # NaN for images whose cells came from annotations
+)
 SKIPPED_COLUMNS = ("dataset", "file", "line", "reason")
 
 
@@ -132,10 +143,12 @@ def units_of_image(
     cells: CellSettings,
     pixel_size_um: float | None,
     segment: Callable[[np.ndarray], pd.DataFrame] | None,
-) -> tuple[list[pd.DataFrame], list[str]]:
-    """The units one decoded image gives, and notes on what it could not give (for the report)."""
+) -> tuple[list[pd.DataFrame], list[str], dict[str, float]]:
+    """The units one decoded image gives, notes on what it could not give (for the report), and what
+    segmentation found (``SEGMENTATION_STATS``; empty when the image was not segmented)."""
     frames: list[pd.DataFrame] = []
     notes: list[str] = []
+    segmentation: dict[str, float] = {}
     h, w = rgb.shape[:2]
     if patches.enabled:
         side = patches.side_px(pixel_size_um)
@@ -153,6 +166,15 @@ def units_of_image(
             if segment is None:
                 raise ValueError("cells.segment asks for segmentation but no segmenter was built")
             found = segment(rgb)
+            stats = found.attrs.get("segmentation")
+            if stats is not None:
+                segmentation.update(stats)
+                if stats["foreground_covered"] < LOW_COVERAGE:  # NaN (no stain) compares False
+                    notes.append(
+                        f"segmentation covers {stats['foreground_covered']:.0%} of the stained foreground "
+                        f"({int(stats['segmented_cells'])} cells, estimated diameter "
+                        f"{stats['cell_diameter_px']:.0f} px): cells may be split, merged or dropped"
+                    )
             found = found[found["area"] >= cells.min_area]
             boxes = square_boxes(
                 found["cx"].to_numpy(),
@@ -163,7 +185,7 @@ def units_of_image(
             frames.append(_units_frame(boxes, "cell", [None] * len(boxes), image))
         elif not kept.empty:
             frames.append(_units_frame(cell_boxes(kept, cells), "cell", kept["label"].tolist(), image))
-    return frames, notes
+    return frames, notes, segmentation
 
 
 def process_chunk(
@@ -190,14 +212,19 @@ def process_chunk(
             continue
         image = {**image, "width": rgb.shape[1], "height": rgb.shape[0]}
         image_hash = perceptual_hash(rgb, hash_size)
-        frames, notes = units_of_image(
+        frames, notes, segmentation = units_of_image(
             rgb, image, by_file.get(image["file"], empty), patches, cells, pixel_size_um, segment
         )
         skipped.extend({"dataset": dataset, "file": image["file"], "line": None, "reason": n} for n in notes)
         for frame in frames:
             unit_frames.append(frame.assign(dataset=dataset, image_hash=image_hash))
         image_rows.append(
-            {**{c: image.get(c) for c in IMAGE_INFO_COLUMNS}, "dataset": dataset, "image_hash": image_hash}
+            {
+                **{c: image.get(c) for c in IMAGE_INFO_COLUMNS},
+                "dataset": dataset,
+                "image_hash": image_hash,
+                **{c: segmentation.get(c, float("nan")) for c in SEGMENTATION_STATS},
+            }
         )
     units = pd.concat(unit_frames, ignore_index=True) if unit_frames else empty_manifest()
     return ChunkResult(

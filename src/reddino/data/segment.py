@@ -272,7 +272,8 @@ class ClassicalSegmenter:
         estimate = estimate_cell_diameter(self.stained(image))
         if estimate is None:
             return 1.0
-        return float(np.clip(estimate / self.cell_diameter, MIN_SCALE, MAX_SCALE))
+        scale = float(np.clip(estimate / self.cell_diameter, MIN_SCALE, MAX_SCALE))
+        return 1.0 if 1 / SCALE_TOLERANCE < scale < SCALE_TOLERANCE else scale
 
     def at_scale(self, scale: float) -> ClassicalSegmenter:
         """The same segmenter with every px parameter written for cells ``scale`` times as large."""
@@ -323,32 +324,40 @@ class ClassicalSegmenter:
         return _relabel_filtered(labels, self.min_area, self.max_area, self.border_min_area)
 
 
-MIN_SCALE, MAX_SCALE = 0.25, 4.0  # estimates outside are clipped: 10-160 px cells for a 40 px reference
+MIN_SCALE, MAX_SCALE = 0.25, 6.0  # estimates outside are clipped: 10-240 px cells for a 40 px reference
+# Estimates within this factor of cell_diameter keep the parameters as written: the estimate varies by
+# about +-20 % between smears of one source (Chula, benchmarks/segment_scales.md), which is not a
+# magnification change, and the written parameters were tuned on exactly that spread.
+SCALE_TOLERANCE = 1.3
+# The 90th percentile of the shorter box sides is about 1.1 cell diameters on Chula, TXL-PBC and BCCD
+# (benchmarks/segment_scales.md): clumps and overlapping cells sit above one diameter.
+SIDE_PERCENTILE = 90
+SIDE_TO_DIAMETER = 1.1
 MIN_RADIUS_PX = 2.0  # components thinner than this are specks, not cells
 MIN_COMPONENTS = 3  # fewer interior objects: no estimate
 
 
 def estimate_cell_diameter(stained: np.ndarray) -> float | None:
-    """Typical cell diameter (px) in a stain mask: twice the median inscribed radius of its objects.
+    """Typical cell diameter (px) in a stain mask: a high percentile of its objects' shorter box sides.
 
-    Each object's central pallor is filled first, so a ring-stained RBC counts as the disc it is. The
-    largest inscribed circle of a clump of touching cells is still about one cell, which makes the
-    inscribed radius robust where areas are not (a clump of 5 has 5 times the area). Objects cut by the
-    image border and specks are left out; None when fewer than ``MIN_COMPONENTS`` objects remain.
+    The shorter side of an object's bounding box is about one cell for a single cell, for a cell whose
+    pale centre leaves only a broken ring of stain (where area or inscribed radius would give the ring's
+    width), and for a clump of touching cells in a row. Specks (thinner than ``MIN_RADIUS_PX``) are left
+    out; the high percentile then skips fragments and platelets. None when fewer than
+    ``MIN_COMPONENTS`` objects remain. Calibrated on the labelled cells of three datasets
+    (benchmarks/segment_scales.md).
     """
-    filled = ndi.binary_fill_holes(stained)
-    labels, n = ndi.label(filled)
+    labels, n = ndi.label(ndi.binary_fill_holes(stained))
     if n == 0:
         return None
-    dist = cv2.distanceTransform(filled.astype(np.uint8), cv2.DIST_L2, 5)
+    dist = cv2.distanceTransform((labels > 0).astype(np.uint8), cv2.DIST_L2, 5)
     radii = np.asarray(ndi.maximum(dist, labels, index=np.arange(1, n + 1)), dtype=np.float64)
-    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    interior = np.ones(n, bool)
-    interior[edge[edge > 0] - 1] = False
-    radii = radii[interior & (radii >= MIN_RADIUS_PX)]
-    if len(radii) < MIN_COMPONENTS:
+    boxes = ndi.find_objects(labels)
+    sides = np.array([min(b[0].stop - b[0].start, b[1].stop - b[1].start) for b in boxes], np.float64)
+    sides = sides[radii >= MIN_RADIUS_PX]
+    if len(sides) < MIN_COMPONENTS:
         return None
-    return float(2.0 * np.median(radii))
+    return float(np.percentile(sides, SIDE_PERCENTILE) / SIDE_TO_DIAMETER)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -644,9 +653,42 @@ def match_centres(mask: np.ndarray, points: np.ndarray) -> dict[str, float | int
     }
 
 
+SEGMENTATION_STATS = (
+    "segmented_cells",
+    "cell_diameter_px",
+    "cell_area_p10",
+    "cell_area_median",
+    "cell_area_p90",
+    "foreground_covered",
+)
+LOW_COVERAGE = 0.5  # accepted cells covering less of the stained foreground than this: warn
+
+
+def segmentation_stats(labels: np.ndarray, stained: np.ndarray) -> dict[str, float]:
+    """What one image's segmentation found, for the report: cell count, estimated diameter, the size
+    distribution, and the fraction of stained pixels inside accepted cells (low when cells were split,
+    dropped as too small or too large, or merged into rejected clumps)."""
+    areas = np.bincount(labels.ravel())[1:]
+    areas = areas[areas > 0].astype(np.float64)
+    stain = int(np.count_nonzero(stained))
+    diameter = estimate_cell_diameter(stained)
+    return {
+        "segmented_cells": float(len(areas)),
+        "cell_diameter_px": float("nan") if diameter is None else diameter,
+        "cell_area_p10": float(np.percentile(areas, 10)) if len(areas) else float("nan"),
+        "cell_area_median": float(np.median(areas)) if len(areas) else float("nan"),
+        "cell_area_p90": float(np.percentile(areas, 90)) if len(areas) else float("nan"),
+        "foreground_covered": float(np.count_nonzero(stained & (labels > 0)) / stain)
+        if stain
+        else float("nan"),
+    }
+
+
 class LazySegmenter:
     """``image -> label_boxes`` with the segmenter built on first use: sources with annotations never
-    pay for (or need) it. Counts the seconds spent and the cells found (cells/s in reports).
+    pay for (or need) it. Counts the seconds spent and the cells found (cells/s in reports). The boxes
+    carry ``attrs["segmentation"]`` (``segmentation_stats``), measured against the classical stain mask
+    whatever the backend.
 
     ``settings``: ``backend``, ``cellpose`` and ``classical`` as in ``conf/prepare.yaml``'s
     ``segmentation`` section.
@@ -655,6 +697,7 @@ class LazySegmenter:
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = settings
         self.segmenter: Segmenter | None = None
+        self.stain: ClassicalSegmenter | None = None
         self.seconds = 0.0
         self.cells = 0
 
@@ -666,9 +709,13 @@ class LazySegmenter:
         if self.segmenter is None:
             s = self.settings
             self.segmenter = build_segmenter(s["backend"], s["cellpose"], s["classical"])
+            self.stain = _construct(ClassicalSegmenter, s["classical"])
             log.info("cell segmentation backend: %s", self.segmenter.name)
         t0 = time.perf_counter()
-        boxes = label_boxes(self.segmenter.segment(rgb))
+        labels = self.segmenter.segment(rgb)
+        boxes = label_boxes(labels)
         self.seconds += time.perf_counter() - t0
         self.cells += len(boxes)
+        assert self.stain is not None
+        boxes.attrs["segmentation"] = segmentation_stats(labels, self.stain.stained(rgb))
         return boxes
