@@ -3,7 +3,7 @@
 Usage (results, command, machine and date: ``benchmarks/segment_scales.md``)::
 
     REDDINO_DATA_ROOT=/work/shared/datasets .venv/bin/python -m benchmarks.segment_scales
-    ... -m benchmarks.segment_scales --limit 60              # evenly spaced subsample of each dataset's images
+    ... -m benchmarks.segment_scales --limit 60   # an evenly spaced subsample of each dataset
 
 Each image is rescaled (INTER_AREA down, INTER_CUBIC up) with its labels, then segmented by the
 classical backend of ``conf/prepare.yaml`` twice: as configured (``estimate_diameter: true``, px
