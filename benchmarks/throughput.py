@@ -92,25 +92,47 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="default: by device name")
     parser.add_argument("--profile", type=Path, default=None, help="write a kernel table of 3 steps here")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--heads",
+        default="config",
+        help="comma-separated head paths, measured one after the other: dense, chunked "
+        "(ssl.head.chunked=false/true); 'config' = as the overrides say",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/pretrain.yaml")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     if unknown := set(modes) - {"model", "loader"}:
         raise SystemExit(f"unknown modes {sorted(unknown)}: use model and/or loader")
+    heads = [h for h in args.heads.split(",") if h]
+    if unknown := set(heads) - {"config", "dense", "chunked"}:
+        raise SystemExit(f"unknown head paths {sorted(unknown)}: use dense and/or chunked")
+    reports, flops = {}, None
+    for head in heads:
+        extra = [] if head == "config" else [f"ssl.head.chunked={head == 'chunked'}"]
+        print(f"## head path: {head}")
+        reports[head] = measure(args, [*args.overrides, *extra], modes, flops)
+        flops = reports[head]["flops_per_step"]  # model FLOPs: counted once, on the first path
+    if args.json is not None:
+        report = reports[heads[0]] if len(heads) == 1 else {"heads": reports}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
-    cfg = pretrain_config(args.overrides)
+
+def measure(args: argparse.Namespace, overrides: list[str], modes: list[str], flops: int | None) -> dict:
+    """Every mode for one config; ``flops`` = model FLOPs per step when already counted (the chunked
+    head recomputes logits, which a counter would count as extra work, not extra model)."""
+    cfg = pretrain_config(overrides)
     device = torch.device(args.device)
     bf16 = device.type == "cuda" and "bf16" in str(cfg.trainer.precision)
     fast = FastPath.from_config(cfg.fast_path, "cuda" if device.type == "cuda" else "cpu")
     # build uncompiled so FLOPs are counted on plain aten ops; compile afterwards as the fast path says
-    uncompiled = pretrain_config([*args.overrides, "fast_path.compile_blocks=false"])
+    uncompiled = pretrain_config([*overrides, "fast_path.compile_blocks=false"])
     datamodule, module, _ = build_training(uncompiled)
     datamodule.setup("fit")
     runner = StepRunner(module, datamodule.batch_size, device, bf16)
     first = iter(datamodule.train_dataloader())
     cached = [to_device(next(first), datamodule, device) for _ in range(args.cached_batches)]
     del first
-    flops = count_step_flops(runner, cached[0])
+    flops = count_step_flops(runner, cached[0]) if flops is None else flops
     if fast.compile_blocks:
         for nets in (module.student, module.teacher):
             compile_blocks_(nets["backbone"])
@@ -122,7 +144,7 @@ def main() -> None:
         "device": name,
         "date": str(date.today()),
         "torch": torch.__version__,
-        "overrides": args.overrides,
+        "overrides": overrides,
         "fast_path": fast.__dict__,
         "batch": batch,
         "global_crops": int(cfg.ssl.crops.n_global),
@@ -134,7 +156,7 @@ def main() -> None:
         "modes": {},
     }
     print(f"# throughput, {device} ({name}), {date.today()}, torch {torch.__version__}")
-    print(f"overrides: {args.overrides}")
+    print(f"overrides: {overrides}")
     print(f"batch {batch} x {cfg.ssl.crops.n_global} global crops, fast path {fast}")
     print(f"model FLOPs: {flops / 1e12:.3f} TFLOP per step, {flops / batch / 1e9:.2f} GFLOP per image")
 
@@ -177,8 +199,7 @@ def main() -> None:
         )
         for piece, ms in figures.get("split_ms", {}).items():
             print(f"    {piece:22s} {ms:9.1f} ms")
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 if __name__ == "__main__":

@@ -64,6 +64,33 @@ def test_throughput_reports_both_modes_flops_and_the_split(tmp_path):
     assert "aten::" in profile.read_text()
 
 
+def test_throughput_measures_the_dense_and_chunked_heads_with_one_flag(tmp_path):
+    report = tmp_path / "heads.json"
+    args = ["--steps", "1", "--warmup", "1", "--cached-batches", "1", "--modes", "model"]
+    args += ["--heads", "dense,chunked", "--json", str(report), "ssl.head.chunk_size=16"]
+    out = run_script("benchmarks.throughput", *args, *TINY, cache=tmp_path)
+    heads = json.loads(report.read_text())["heads"]
+    assert set(heads) == {"dense", "chunked"} and "## head path: chunked" in out
+    assert heads["dense"]["flops_per_step"] == heads["chunked"]["flops_per_step"] > 0  # model FLOPs
+    assert "ssl.head.chunked=True" in heads["chunked"]["overrides"]
+    assert all(h["modes"]["model"]["images_per_s"] > 0 for h in heads.values())
+
+
+def test_the_head_step_benchmark_runs_both_paths_to_the_same_loss(tmp_path):
+    out = run_script(
+        "benchmarks.head_step", "--tokens", "64", "--prototypes", "512", "--dim", "16", "--chunk", "16",
+        "--repeats", "1", cache=tmp_path,
+    )  # fmt: skip
+    rows = [
+        line.split("|")
+        for line in out.splitlines()
+        if line.startswith("| dense") or line.startswith("| chunked")
+    ]
+    assert [r[1].strip() for r in rows] == ["dense", "chunked"]
+    assert float(rows[0][5]) == pytest.approx(float(rows[1][5]), rel=1e-5)  # the same loss
+    assert "chunked / dense: time" in out
+
+
 @pytest.mark.parametrize("plain", [False, True], ids=["augmented", "no-augment"])
 def test_supervised_probe_trains_and_scores_the_held_out_cells(tmp_path, plain):
     args = ["--steps", "3", *(["--no-augment"] if plain else []), *TINY]

@@ -10,7 +10,8 @@ import pytest
 import torch
 from gloo import run_on_ranks
 
-from reddino.ssl.centering import MovingAverageCentering, sinkhorn_knopp
+from reddino.ssl.centering import MovingAverageCentering, SinkhornKnoppCentering, sinkhorn_knopp
+from reddino.ssl.chunked_head import chunked_targets
 from reddino.ssl.distributed import all_reduce_sum_, is_dist, world_size
 
 pytestmark = pytest.mark.distributed
@@ -25,6 +26,8 @@ N_STEPS = 3
 TEMP = 0.05
 MOMENTUM = 0.9
 N_ITER = 3
+D = 6  # bottleneck width of the chunked-head inputs
+CHUNK = 2  # rows per chunk: several chunks per rank, one of them partial
 
 
 def _global_data() -> dict[str, torch.Tensor]:
@@ -35,7 +38,22 @@ def _global_data() -> dict[str, torch.Tensor]:
         "cls_steps": torch.randn(N_STEPS, WORLD * N_CLS_PER_RANK, K, generator=gen),
         "patch_steps": torch.randn(N_STEPS, WORLD * EQUAL_PATCHES_PER_RANK, K, generator=gen),
         "uneq_patch_steps": torch.randn(N_STEPS, sum(PATCHES_PER_RANK), K, generator=gen),
+        "z_patch": torch.nn.functional.normalize(
+            torch.randn(sum(PATCHES_PER_RANK), D, generator=gen), dim=-1
+        ),
+        "z_steps": torch.nn.functional.normalize(
+            torch.randn(N_STEPS, sum(PATCHES_PER_RANK), D, generator=gen), dim=-1
+        ),
+        "w": torch.randn(K, D, generator=gen) * 2,
     }
+
+
+def _run_chunked_centering(
+    module: MovingAverageCentering, steps: list[torch.Tensor], w: torch.Tensor
+) -> dict:
+    probs = [chunked_targets(module, z, w, TEMP, CHUNK).dense() for z in steps]
+    module.apply_pending_update()
+    return {"probs": probs, "center": module.center.clone()}
 
 
 def _rank_slice(n_per_rank: tuple[int, ...], rank: int) -> slice:
@@ -71,7 +89,23 @@ def _compute(rank: int, n_ranks: int) -> dict:
     cls_module = MovingAverageCentering(K, MOMENTUM, patch=False)
     patch_module = MovingAverageCentering(K, MOMENTUM, patch=True)
     uneq_module = MovingAverageCentering(K, MOMENTUM, patch=True)
+    z_patch, w = data["z_patch"][_rank_slice(patch_split, rank)], data["w"]
+    all_rows = len(data["z_patch"])  # rank 0 holds none of them: it must still join every collective
+    z_empty = data["z_patch"][_rank_slice((0, all_rows) if n_ranks == WORLD else (all_rows,), rank)]
+    sk = SinkhornKnoppCentering(N_ITER)
+    chunked = {
+        "ck_patch": chunked_targets(sk, z_patch, w, TEMP, CHUNK, n_samples_total=n_masked).dense(),
+        "ck_patch_empty_rank": chunked_targets(
+            sk, z_empty, w, TEMP, CHUNK, n_samples_total=all_reduce_sum_(torch.tensor(z_empty.shape[0]))
+        ).dense(),
+        "ck_ma_unequal": _run_chunked_centering(
+            MovingAverageCentering(K, MOMENTUM, patch=True),
+            [s[_rank_slice(patch_split, rank)] for s in data["z_steps"]],
+            w,
+        ),
+    }
     return {
+        **chunked,
         "world": world_size(),
         "sk_cls": sinkhorn_knopp(cls, TEMP, N_ITER),
         "sk_patch": sinkhorn_knopp(patch, TEMP, N_ITER, n_samples_total=n_masked),
@@ -152,3 +186,22 @@ def test_rank_without_masked_patches(results, single):
     # only the rank holding tokens contributes a mean; the empty rank neither adds NaN nor dilutes it
     for r in results:
         _close(r["ma_patch_empty_rank"]["centers"][-1], single["ma_patch_empty_rank"]["centers"][-1])
+
+
+def test_chunked_sinkhorn_knopp_on_ranks_equals_the_dense_full_batch(results):
+    data = _global_data()
+    logits = data["z_patch"] @ data["w"].T
+    _close(torch.cat([r["ck_patch"] for r in results]), sinkhorn_knopp(logits, TEMP, N_ITER))
+    assert [r["ck_patch_empty_rank"].shape[0] for r in results] == [0, len(data["z_patch"])]
+    _close(torch.cat([r["ck_patch_empty_rank"] for r in results]), sinkhorn_knopp(logits, TEMP, N_ITER))
+
+
+def test_chunked_centering_on_ranks_equals_the_dense_full_batch(results):
+    data = _global_data()
+    dense = MovingAverageCentering(K, MOMENTUM, patch=True)
+    expected = [dense.targets(z @ data["w"].T, TEMP) for z in data["z_steps"]]
+    dense.apply_pending_update()
+    for step, probs in enumerate(expected):
+        _close(torch.cat([r["ck_ma_unequal"]["probs"][step] for r in results]), probs)
+    for r in results:
+        _close(r["ck_ma_unequal"]["center"], dense.center)

@@ -23,7 +23,15 @@ pytestmark = pytest.mark.distributed
 WORLD = 2
 MOMENTUM = 0.9
 MAX_NORM = 0.05
-HEAD = {"n_prototypes": 24, "hidden_dim": 16, "bottleneck_dim": 8, "nlayers": 2, "shared_ibot_head": False}
+HEAD = {
+    "n_prototypes": 24,
+    "hidden_dim": 16,
+    "bottleneck_dim": 8,
+    "nlayers": 2,
+    "shared_ibot_head": False,
+    "chunked": False,
+    "chunk_size": 4096,
+}
 HEAD["ibot_n_prototypes"] = 20
 
 

@@ -329,8 +329,11 @@ MIN_SCALE, MAX_SCALE = 0.25, 6.0  # estimates outside are clipped: 10-240 px cel
 # about +-20 % between smears of one source (Chula, benchmarks/segment_scales.md), which is not a
 # magnification change, and the written parameters were tuned on exactly that spread.
 SCALE_TOLERANCE = 1.3
-# The 90th percentile of the shorter box sides is about 1.1 cell diameters on Chula, TXL-PBC and BCCD
-# (benchmarks/segment_scales.md): clumps and overlapping cells sit above one diameter.
+# Calibration of the two views on the labelled cells (benchmarks/segment_scales.md): twice the upper-
+# quartile inscribed radius is 0.95 of the cell diameter on Chula; the 90th percentile of the shorter
+# box sides is about 1.1 diameters on Chula, TXL-PBC and BCCD (clumps sit above one diameter).
+INSCRIBED_PERCENTILE = 75
+INSCRIBED_TO_DIAMETER = 1.0 / 0.95
 SIDE_PERCENTILE = 90
 SIDE_TO_DIAMETER = 1.1
 MIN_RADIUS_PX = 2.0  # components thinner than this are specks, not cells
@@ -338,14 +341,16 @@ MIN_COMPONENTS = 3  # fewer interior objects: no estimate
 
 
 def estimate_cell_diameter(stained: np.ndarray) -> float | None:
-    """Typical cell diameter (px) in a stain mask: a high percentile of its objects' shorter box sides.
+    """Typical cell diameter (px) in a stain mask, from two views of its objects (pale centres filled).
 
-    The shorter side of an object's bounding box is about one cell for a single cell, for a cell whose
-    pale centre leaves only a broken ring of stain (where area or inscribed radius would give the ring's
-    width), and for a clump of touching cells in a row. Specks (thinner than ``MIN_RADIUS_PX``) are left
-    out; the high percentile then skips fragments and platelets. None when fewer than
-    ``MIN_COMPONENTS`` objects remain. Calibrated on the labelled cells of three datasets
-    (benchmarks/segment_scales.md).
+    - The inscribed diameter (twice the largest distance to the background) of a single cell or of a
+      clump of touching cells is about one cell, but only the width of the ring where a pale centre
+      leaves a broken ring of stain (TXL-PBC, BCCD).
+    - The shorter side of the bounding box is about one cell for a ring too, but more for clumps.
+    High percentiles skip fragments and platelets; the geometric mean of the two calibrated views is
+    within about 25 % of the labelled cell size on Chula at 0.5x-2x and on TXL-PBC and BCCD
+    (benchmarks/segment_scales.md). Specks thinner than ``MIN_RADIUS_PX`` are left out; None when
+    fewer than ``MIN_COMPONENTS`` objects remain.
     """
     labels, n = ndi.label(ndi.binary_fill_holes(stained))
     if n == 0:
@@ -354,10 +359,12 @@ def estimate_cell_diameter(stained: np.ndarray) -> float | None:
     radii = np.asarray(ndi.maximum(dist, labels, index=np.arange(1, n + 1)), dtype=np.float64)
     boxes = ndi.find_objects(labels)
     sides = np.array([min(b[0].stop - b[0].start, b[1].stop - b[1].start) for b in boxes], np.float64)
-    sides = sides[radii >= MIN_RADIUS_PX]
-    if len(sides) < MIN_COMPONENTS:
+    solid = radii >= MIN_RADIUS_PX
+    if np.count_nonzero(solid) < MIN_COMPONENTS:
         return None
-    return float(np.percentile(sides, SIDE_PERCENTILE) / SIDE_TO_DIAMETER)
+    inscribed = 2.0 * np.percentile(radii[solid], INSCRIBED_PERCENTILE) * INSCRIBED_TO_DIAMETER
+    side = np.percentile(sides[solid], SIDE_PERCENTILE) / SIDE_TO_DIAMETER
+    return float(np.sqrt(inscribed * side))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -121,15 +121,18 @@ class MovingAverageCentering(nn.Module):
         self._pending: torch.Tensor | None = None
         self._handle: torch.distributed.Work | None = None
 
-    def _local_statistics(self, logits: torch.Tensor) -> torch.Tensor:
-        """[K + 1] vector: the sum of this rank's logits, then their count."""
-        return torch.cat((logits.sum(dim=0), logits.new_full((1,), float(logits.shape[0]))))
-
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor) -> None:
         """Queue this batch's centre update (teacher logits [N, K]); applied at the next call."""
+        flat = teacher_logits.detach().float().reshape(-1, self.center.shape[-1])
+        self.queue_update(flat.sum(dim=0), int(flat.shape[0]))
+
+    @torch.no_grad()
+    def queue_update(self, logit_sum: torch.Tensor, count: int) -> None:
+        """Queue the update from this rank's sum of logits [K] over ``count`` tokens (the chunked head
+        sums them chunk by chunk): one [K + 1] all-reduce of the sum, then the count."""
         self.apply_pending_update()
-        stats = self._local_statistics(teacher_logits.detach().float().reshape(-1, self.center.shape[-1]))
+        stats = torch.cat((logit_sum.float(), logit_sum.new_full((1,), float(count), dtype=torch.float32)))
         self._handle = all_reduce_sum_async_(stats)
         self._pending = stats
 

@@ -88,9 +88,16 @@ class DINOHead(nn.Module):
         """Parameters of the prototype layer (``weight_g`` and ``weight_v``)."""
         return list(self.last_layer.parameters())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised bottleneck features the prototypes score (the chunked head's input)."""
         x = self.mlp(x)
         # 1e-12 underflows in half precision, hence the larger epsilon there.
         eps = 1e-6 if x.dtype in (torch.float16, torch.bfloat16) else 1e-12
-        x = F.normalize(x, dim=-1, p=2, eps=eps)
-        return self.last_layer(x)
+        return F.normalize(x, dim=-1, p=2, eps=eps)
+
+    def prototypes(self) -> torch.Tensor:
+        """The effective prototype matrix [K, bottleneck_dim]: logits = bottleneck(x) @ prototypes().T."""
+        return self.last_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(self.bottleneck(x))

@@ -21,6 +21,12 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from reddino.ssl.backbone import forward_tokens, timm_state_dict
 from reddino.ssl.centering import build_centering
+from reddino.ssl.chunked_head import (
+    ChunkedTargets,
+    chunked_dino_loss_terms,
+    chunked_ibot_loss,
+    chunked_targets,
+)
 from reddino.ssl.distributed import all_reduce_sum_, max_rank_difference
 from reddino.ssl.ema import ema_param_pairs, ema_update_
 from reddino.ssl.heads import DINOHead
@@ -91,6 +97,8 @@ class DinoV2Module(pl.LightningModule):
         ibot_k = head["n_prototypes"] if head["shared_ibot_head"] else head["ibot_n_prototypes"]
         self.dino_centering = build_centering(method, head["n_prototypes"], iters, mom, patch=False)
         self.ibot_centering = build_centering(method, ibot_k, iters, mom, patch=True)
+        # ssl.head.chunked: teacher targets and student cross-entropy over row chunks (no [N, K] tensor)
+        self.chunk_size: int | None = int(head["chunk_size"]) if head["chunked"] else None
         self.schedules: SSLSchedules | None = None
         self._step_values: dict[str, float] = {}
         self._ema_pairs: tuple[list[Tensor], list[Tensor]] = ([], [])
@@ -157,7 +165,9 @@ class DinoV2Module(pl.LightningModule):
     def ibot_head(self, nets: nn.ModuleDict) -> nn.Module:
         return nets["ibot_head"] if "ibot_head" in nets else nets["dino_head"]
 
-    def teacher_targets(self, batch: Mapping[str, Any], teacher_temp: float) -> tuple[Tensor, Tensor]:
+    def teacher_targets(
+        self, batch: Mapping[str, Any], teacher_temp: float
+    ) -> tuple[Tensor | ChunkedTargets, Tensor | ChunkedTargets]:
         """Teacher CLS and masked-patch target distributions on the unmasked global crops.
 
         The teacher forward runs under ``inference_mode`` on the fast path; the centering then runs under
@@ -165,6 +175,8 @@ class DinoV2Module(pl.LightningModule):
         cannot be saved, and copying [M, 131072] targets would cost ~11 GB on a ViT-S batch).
         """
         inference = self.teacher_inference_mode and self.fsdp_root() is None  # FSDP gathers need autograd-
+        if self.chunk_size is not None:
+            return self._chunked_teacher_targets(batch, teacher_temp, inference)
         with torch.inference_mode() if inference else torch.no_grad():  # visible (non-inference) tensors
             cls_logits, patch_logits = self._teacher_logits(batch)
         with torch.no_grad():
@@ -172,6 +184,26 @@ class DinoV2Module(pl.LightningModule):
             cls_probs = self.dino_centering.targets(cls_logits, teacher_temp)
             patch_probs = self.ibot_centering.targets(patch_logits, teacher_temp, n_samples_total=n_masked)
         return cls_probs, patch_probs
+
+    def _chunked_teacher_targets(
+        self, batch: Mapping[str, Any], teacher_temp: float, inference: bool
+    ) -> tuple[ChunkedTargets, ChunkedTargets]:
+        """Teacher targets kept as bottleneck features + scaling vectors (``reddino.ssl.chunked_head``)."""
+        assert self.chunk_size is not None
+        self.teacher.eval()
+        with torch.inference_mode() if inference else torch.no_grad():
+            out = forward_tokens(self.teacher["backbone"], batch["global_crops"])
+            dino, ibot = self.teacher["dino_head"], self.ibot_head(self.teacher)
+            cls_z = dino.bottleneck(out.cls)
+            patch_z = ibot.bottleneck(out.patches.flatten(0, 1)[batch["mask_indices"]])
+            dino_w, ibot_w = dino.prototypes(), ibot.prototypes()
+        with torch.no_grad():
+            n_masked = all_reduce_sum_(batch["n_masked_patches"].detach().clone().to(patch_z.device))
+            cls = chunked_targets(self.dino_centering, cls_z, dino_w, teacher_temp, self.chunk_size)
+            patches = chunked_targets(
+                self.ibot_centering, patch_z, ibot_w, teacher_temp, self.chunk_size, n_samples_total=n_masked
+            )
+        return cls, patches
 
     def _teacher_logits(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """Head outputs (autocast dtype) for the CLS tokens and the patches the student sees masked."""
@@ -188,7 +220,7 @@ class DinoV2Module(pl.LightningModule):
         return total
 
     def student_losses(
-        self, batch: Mapping[str, Any], cls_probs: Tensor, patch_probs: Tensor
+        self, batch: Mapping[str, Any], cls_probs: Tensor | Any, patch_probs: Tensor | Any
     ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Student forward (masked global crops, local crops if any) and the weighted loss terms.
 
@@ -196,6 +228,9 @@ class DinoV2Module(pl.LightningModule):
         """
         student_temp = self.loss_cfg["student_temp"]
         out = forward_tokens(self.student["backbone"], batch["global_crops"], batch["masks"])
+        if self.chunk_size is not None:
+            terms = self._chunked_student_terms(batch, out, cls_probs, patch_probs, student_temp)
+            return self._weighted(terms, out.cls)
         cls_logits = self.student["dino_head"](out.cls)
         patch_logits = self.ibot_head(self.student)(out.patches.flatten(0, 1)[batch["mask_indices"]])
         local_logits = None
@@ -207,14 +242,47 @@ class DinoV2Module(pl.LightningModule):
         terms["ibot"] = ibot_patch_loss(
             patch_logits, patch_probs, batch["masks_weight"], batch["n_images"], student_temp
         )
+        return self._weighted(terms, out.cls)
+
+    def _chunked_student_terms(
+        self, batch: Mapping[str, Any], out: Any, cls_targets: Any, patch_targets: Any, student_temp: float
+    ) -> dict[str, Tensor]:
+        """DINO and iBOT terms from the student's bottleneck features, chunk by chunk."""
+        assert self.chunk_size is not None
+        dino, ibot = self.student["dino_head"], self.ibot_head(self.student)
+        z_local = None
+        if self.n_local_crops > 0:
+            z_local = dino.bottleneck(forward_tokens(self.student["backbone"], batch["local_crops"]).cls)
+        terms = chunked_dino_loss_terms(
+            dino.bottleneck(out.cls),
+            dino.prototypes(),
+            cls_targets,
+            z_local,
+            self.n_local_crops,
+            student_temp,
+            self.chunk_size,
+        )
+        terms["ibot"] = chunked_ibot_loss(
+            ibot.bottleneck(out.patches.flatten(0, 1)[batch["mask_indices"]]),
+            ibot.prototypes(),
+            patch_targets,
+            batch["masks_weight"],
+            batch["n_images"],
+            student_temp,
+            self.chunk_size,
+        )
+        return terms
+
+    def _weighted(self, terms: dict[str, Tensor], cls: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """KoLeo (when on) added to the terms, and their weighted total."""
         weights = {"dino_global": "dino_weight", "dino_local": "dino_weight", "ibot": "ibot_weight"}
         if self.loss_cfg["koleo_weight"] > 0:
-            chunks = out.cls.chunk(2)
+            chunks = cls.chunk(2)
             terms["koleo"] = sum(koleo_loss(c, self.loss_cfg["koleo_eps"]) for c in chunks)
             weights["koleo"] = "koleo_weight"
         total = sum(self.loss_cfg[weights[k]] * v for k, v in terms.items())
         assert_finite({**terms, "total": total}, self.global_step)
-        return terms, total, out.cls
+        return terms, total, cls
 
     def ema_step(self) -> None:
         """teacher <- m * teacher + (1 - m) * student with this step's momentum."""
@@ -226,14 +294,22 @@ class DinoV2Module(pl.LightningModule):
         ema_update_(teacher, student, self._step_values["momentum"])
 
     def log_step(
-        self, terms: dict[str, Tensor], total: Tensor, probs: Tensor, cls: Tensor, batch_size: int
+        self,
+        terms: dict[str, Tensor],
+        total: Tensor,
+        probs: Tensor | ChunkedTargets,
+        cls: Tensor,
+        batch_size: int,
     ) -> None:
         """Loss terms, schedules and collapse monitors (teacher entropy, spread of normalised CLS)."""
         logs = {f"train/{k}": v.detach() for k, v in terms.items()}
         logs["train/loss"] = total.detach()
         logs.update({f"schedule/{k}": float(v) for k, v in self._step_values.items()})
         with torch.no_grad():
-            entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+            if isinstance(probs, ChunkedTargets):
+                entropy = probs.mean_entropy()
+            else:
+                entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
             cls_std = F.normalize(cls.detach().float(), dim=-1).std(dim=0).mean()
         logs["monitor/teacher_entropy"] = entropy
         logs["monitor/cls_std"] = cls_std
