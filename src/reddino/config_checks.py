@@ -206,6 +206,21 @@ def pack_rules() -> dict[str, Rule]:
     }
 
 
+def check_crop_sizes(cfg: DictConfig) -> None:
+    """Every crop the model sees must be a whole number of patches (a 96 px local crop for a patch-14
+    model fails at its first step otherwise)."""
+    patch = int(cfg.model.patch_size)
+    sizes = {"ssl.crops.global_size": int(cfg.ssl.crops.global_size)}
+    if int(cfg.ssl.crops.n_local) > 0:
+        sizes["ssl.crops.local_size"] = int(cfg.ssl.crops.local_size)
+    wrong = [f"{k}={v}" for k, v in sizes.items() if v % patch]
+    if wrong:
+        raise ConfigError(
+            f"{', '.join(wrong)}: not a multiple of model.patch_size={patch}; use multiples of {patch} "
+            f"(e.g. {7 * patch} for local crops, {16 * patch} for global ones)"
+        )
+
+
 def check_schedule_length(cfg: DictConfig) -> None:
     """``trainer.max_steps`` must end the run inside the schedules (lr, temperatures, momentum are
     defined up to ``ssl.optim.total_steps``): -1 or a larger value would train on past their end."""

@@ -25,7 +25,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 import reddino.config  # noqa: F401  (registers the ${int_mul:...} resolver)
 from reddino.cli import one_line_errors
-from reddino.config_checks import check_config, check_schedule_length, pretrain_rules
+from reddino.config_checks import check_config, check_crop_sizes, check_schedule_length, pretrain_rules
 from reddino.data.datamodules import PretrainDataModule
 from reddino.data.datasets import LabelledUnitDataset, eval_transform
 from reddino.data.masking import SSLCollator
@@ -248,6 +248,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, export and evaluate; returns what was written to ``results.json``."""
     check_config(cfg, pretrain_rules())
     check_schedule_length(cfg)
+    check_crop_sizes(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = checkpoint_to_resume(cfg)
     out = Path(cfg.paths.output_dir)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import pickle
 import re
@@ -24,7 +23,6 @@ from urllib.parse import urlparse
 
 import timm
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
@@ -38,7 +36,7 @@ from reddino.run_specs import (
     normalisation,
     plain_value,
 )
-from reddino.ssl.backbone import build_backbone
+from reddino.ssl.backbone import build_backbone, resample_pos_embed_dinov2
 
 
 @dataclass
@@ -162,38 +160,6 @@ except ImportError:  # pragma: no cover - older huggingface_hub uses requests (O
 
 class HubUnavailableError(RuntimeError):
     """An ``hf_hub:`` id cannot be fetched (offline); the message says which files to fetch by hand."""
-
-
-def resample_pos_embed_dinov2(pos_embed: Tensor, new_grid: int, offset: float = 0.0) -> Tensor:
-    """Resize a square (1, 1 + M*M, D) position embedding to (1, 1 + G*G, D), CLS position kept.
-
-    Why these exact semantics: RedDino starts from the hub DINOv2 weights made for 518 px (M = 37) and
-    resizes them ONCE to the 224 px grid (G = 16) with its ``interpolate_pos_encoding`` helper: bicubic
-    ``F.interpolate`` with ``scale_factor = G / M`` (not ``size``), ``align_corners=False`` and no
-    antialiasing, computed in float32 (REFERENCE.md 1.2, ``get_downloaded_dino_vit_interpolated``). Loading
-    hub weights the same way keeps our 224 px model identical to RedDino's starting point.
-    ``offset=0.1`` gives DINOv2's own run-time variant (``scale_factor = (G + 0.1) / M``,
-    ``interpolate_offset``), which samples slightly different positions. Same size: returned unchanged,
-    as DINOv2 does.
-    """
-    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
-        raise ValueError(f"pos_embed must be (1, 1 + M*M, D), got {tuple(pos_embed.shape)}")
-    n = pos_embed.shape[1] - 1
-    old = math.isqrt(n)
-    if old * old != n:
-        raise ValueError(f"pos_embed has {n} patch positions, not a square grid (no register/extra tokens)")
-    if old == new_grid:
-        return pos_embed.clone()
-    dim = pos_embed.shape[-1]
-    grid = pos_embed[:, 1:].float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
-    scale = (new_grid + offset) / old
-    out = F.interpolate(
-        grid, scale_factor=(scale, scale), mode="bicubic", align_corners=False, antialias=False
-    )
-    if tuple(out.shape[-2:]) != (new_grid, new_grid):
-        raise ValueError(f"scale factor {scale} gave grid {tuple(out.shape[-2:])}, not {new_grid}")
-    out = out.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim).to(pos_embed.dtype)
-    return torch.cat([pos_embed[:, :1], out], dim=1)
 
 
 def _torch_load(path: Path) -> Any:

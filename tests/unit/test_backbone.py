@@ -78,3 +78,28 @@ def test_export_reloads_in_plain_timm_with_identical_features(tmp_path):
     plain.load_state_dict(load_file(str(path)), strict=True)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(plain.eval()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_position_grid_at_other_sizes_follows_dinov2_not_timm():
+    """Local crops (and any other grid) get DINOv2's interpolation: bicubic with scale (n + 0.1) / M and
+    no antialiasing; at the model's own grid the embedding is used as is (timm's result exactly)."""
+    import torch.nn.functional as F
+
+    from reddino.ssl.backbone import add_pos_embed, build_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone(
+        "vit_small_patch14_dinov2", 64, 8, 0.0, 1.0, True, {"embed_dim": 24, "depth": 1, "num_heads": 2}
+    )
+    with torch.no_grad():
+        model.pos_embed.normal_()
+    native = torch.randn(2, 8, 8, 24)
+    torch.testing.assert_close(add_pos_embed(model, native), model._pos_embed(native), rtol=0, atol=0)
+    local = torch.randn(2, 4, 4, 24)
+    grid = model.pos_embed[:, 1:].reshape(1, 8, 8, 24).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, scale_factor=(4.1 / 8, 4.1 / 8), mode="bicubic", antialias=False)
+    expected = torch.cat([model.pos_embed[:, :1], expected.flatten(2).transpose(1, 2)], dim=1)
+    out = add_pos_embed(model, local)
+    torch.testing.assert_close(out[:, 1:], local.reshape(2, 16, 24) + expected[:, 1:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[:, 0], (model.cls_token + model.pos_embed[:, :1])[:, 0].expand(2, -1))
+    assert not torch.allclose(out, model._pos_embed(local), atol=1e-3)  # timm's antialiased resize differs

@@ -10,6 +10,7 @@ import pytest
 from reddino.config_checks import (
     ConfigError,
     check_config,
+    check_crop_sizes,
     check_schedule_length,
     eval_rules,
     pack_rules,
@@ -84,3 +85,16 @@ def test_the_cli_prints_one_line_not_a_traceback(tmp_path):
         cmd, capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "REDDINO_DEBUG": "1"}
     )
     assert debug.returncode != 0 and "ConfigError" in debug.stderr
+
+
+@pytest.mark.parametrize("experiment", ["embedded", "reddino_s", "reddino_b", "reddino_l", "reddino_g"])
+@pytest.mark.parametrize("ssl", ["reddino", "dinov2", "dinobloom"])
+def test_every_recipe_has_crops_made_of_whole_patches(make_cfg, experiment, ssl):
+    check_crop_sizes(make_cfg(f"experiment={experiment}", f"ssl={ssl}"))
+
+
+def test_a_crop_that_is_not_whole_patches_is_refused(make_cfg):
+    cfg = make_cfg("experiment=reddino_b", "ssl=dinov2", "ssl.crops.local_size=96")
+    message = r"ssl\.crops\.local_size=96: not a multiple of model\.patch_size=14"
+    with pytest.raises(ConfigError, match=message):
+        check_crop_sizes(cfg)

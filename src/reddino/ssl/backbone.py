@@ -8,12 +8,14 @@ therefore exactly the DINOv2 hub / RedDino teacher key layout (REFERENCE.md 6.1)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -62,6 +64,64 @@ class TokenOutput:
     patches: Tensor
 
 
+def resample_pos_embed_dinov2(
+    pos_embed: Tensor, new_grid: int | tuple[int, int], offset: float = 0.0
+) -> Tensor:
+    """Resize a square (1, 1 + M*M, D) position embedding to (1, 1 + H*W, D), CLS position kept.
+
+    Why these exact semantics: RedDino starts from the hub DINOv2 weights made for 518 px (M = 37) and
+    resizes them ONCE to the 224 px grid (G = 16) with its ``interpolate_pos_encoding`` helper: bicubic
+    ``F.interpolate`` with ``scale_factor = G / M`` (not ``size``), ``align_corners=False`` and no
+    antialiasing, computed in float32 (REFERENCE.md 1.2, ``get_downloaded_dino_vit_interpolated``). Loading
+    hub weights the same way keeps our 224 px model identical to RedDino's starting point.
+    ``offset=0.1`` gives DINOv2's own run-time variant (``scale_factor = (G + 0.1) / M``,
+    ``interpolate_offset``), which samples slightly different positions. Same size: returned unchanged,
+    as DINOv2 does.
+    """
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"pos_embed must be (1, 1 + M*M, D), got {tuple(pos_embed.shape)}")
+    n = pos_embed.shape[1] - 1
+    old = math.isqrt(n)
+    if old * old != n:
+        raise ValueError(f"pos_embed has {n} patch positions, not a square grid (no register/extra tokens)")
+    rows, cols = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
+    if (old, old) == (rows, cols):
+        return pos_embed.clone()
+    dim = pos_embed.shape[-1]
+    grid = pos_embed[:, 1:].float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
+    scale = ((rows + offset) / old, (cols + offset) / old)
+    out = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False, antialias=False)
+    if tuple(out.shape[-2:]) != (rows, cols):
+        raise ValueError(f"scale factor {scale} gave grid {tuple(out.shape[-2:])}, not {(rows, cols)}")
+    out = out.permute(0, 2, 3, 1).reshape(1, rows * cols, dim).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :1], out], dim=1)
+
+
+# DINOv2's run-time interpolation of the position grid (``interpolate_offset``, no antialiasing); the
+# released DINOv2 / RedDino weights were trained with it at every grid other than their own.
+DINOV2_INTERPOLATE_OFFSET = 0.1
+
+
+def add_pos_embed(model: VisionTransformer, x: Tensor) -> Tensor:
+    """CLS token + position embedding for patch embeddings ``x`` (B, H, W, D) or (B, N, D).
+
+    timm's ``_pos_embed`` with one change: at a patch grid other than the model's own (local crops, any
+    other input size), the grid is resized as DINOv2 does (``resample_pos_embed_dinov2`` with
+    ``scale_factor = (n + 0.1) / M``, bicubic, no antialiasing), not by timm's antialiased resize to
+    the target size, so released weights see the positions they were trained with.
+    """
+    if model.reg_token is not None or model.no_embed_class or model.cls_token is None:
+        raise ValueError("add_pos_embed expects the DINOv2 layout: a class token, no registers, embed_class")
+    pos_embed = model.pos_embed
+    if x.ndim == 4:
+        batch, rows, cols, dim = x.shape
+        if (rows, cols) != tuple(model.patch_embed.grid_size):
+            pos_embed = resample_pos_embed_dinov2(pos_embed, (rows, cols), DINOV2_INTERPOLATE_OFFSET)
+        x = x.reshape(batch, rows * cols, dim)
+    x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+    return model.pos_drop(x + pos_embed)
+
+
 def forward_tokens(model: VisionTransformer, images: Tensor, masks: Tensor | None = None) -> TokenOutput:
     """Run the ViT, replacing the embeddings of masked patches by ``mask_token`` first (iBOT student).
 
@@ -78,7 +138,7 @@ def forward_tokens(model: VisionTransformer, images: Tensor, masks: Tensor | Non
         flat = x.reshape(x.shape[0], -1, x.shape[-1])
         flat = torch.where(masks.unsqueeze(-1), token.unsqueeze(0), flat)
         x = flat.reshape(x.shape)
-    x = model._pos_embed(x)
+    x = add_pos_embed(model, x)
     x = model.patch_drop(x)
     x = model.norm_pre(x)
     x = model.blocks(x)
