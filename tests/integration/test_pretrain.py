@@ -148,3 +148,39 @@ def test_fast_path_forced_on_cpu_trains_and_exports_plain_names(make_cfg, tmp_pa
     assert metrics["train/loss"].dropna().map(math.isfinite).all()
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])
+
+
+@pytest.mark.slow
+def test_the_collapse_guard_stops_a_collapsing_recipe(make_cfg):
+    """RedDino's 131,072 prototypes from scratch with LayerScale 1e-5, scaled down: uniform targets."""
+    summary = run(
+        make_cfg(
+            "debug=fast",
+            "ssl.head.n_prototypes=131072",
+            "ssl.head.ibot_n_prototypes=131072",
+            "model.init_values=1e-5",
+            "report.enabled=false",
+            "callbacks.collapse_guard.check_every_n_steps=1",
+            "callbacks.collapse_guard.patience=2",
+            "callbacks.collapse_guard.stop=true",
+        )
+    )
+    assert set(summary["collapse_guard"]) == {"uniform_targets"}
+    assert "Too many prototypes" in summary["collapse_guard"]["uniform_targets"]
+    assert summary["steps"] == 2  # stopped at the second failing check of a 4-step run
+
+
+@pytest.mark.slow
+def test_the_collapse_guard_is_silent_on_the_working_default(make_cfg):
+    summary = run(
+        make_cfg(
+            "ssl.optim.epochs=2",
+            "ssl.optim.epoch_length=20",
+            "report.enabled=false",
+            "logger=csv",
+            "callbacks.collapse_guard.check_every_n_steps=5",
+            "callbacks.collapse_guard.patience=2",
+            "callbacks.collapse_guard.stop=true",
+        )
+    )
+    assert summary["collapse_guard"] == {} and summary["steps"] == 40

@@ -108,12 +108,16 @@ def _scores(mean: float) -> dict[str, dict[str, object]]:
     }
 
 
-def _job(sweep: Path, num: int, axis: str, variant: str, teacher: float | None) -> Path:
+def _job(
+    sweep: Path, num: int, axis: str, variant: str, teacher: float | None, seed: int | None = None
+) -> Path:
     """A job directory as reddino-ablations leaves it; ``teacher=None``: no results.json."""
     job = sweep / str(num)
     (job / ".hydra").mkdir(parents=True)
-    (job / ".hydra" / "overrides.yaml").write_text(f"- ablation={variant.replace(' ', '_')}\n")
-    (job / "config.yaml").write_text(OmegaConf.to_yaml({"ablation": {"axis": axis, "variant": variant}}))
+    overrides = f"- ablation={variant.replace(' ', '_')}\n" + (f"- seed={seed}\n" if seed is not None else "")
+    (job / ".hydra" / "overrides.yaml").write_text(overrides)
+    config = {"ablation": {"axis": axis, "variant": variant}, **({"seed": seed} if seed is not None else {})}
+    (job / "config.yaml").write_text(OmegaConf.to_yaml(config))
     if teacher is not None:
         results = {
             "pretrained_teacher": {"k=1": _scores(teacher), "k=20": _scores(teacher + 0.02)},
@@ -160,12 +164,12 @@ def test_summary_files_and_exit_status(sweep, tmp_path, capsys):
     for name in (SUMMARY_CSV, SUMMARY_MD, FIGURE_PNG):
         assert (out / name).is_file(), name
     md = (out / SUMMARY_MD).read_text()
-    header = (
-        "| job | axis | variant | steps | teacher 1-NN | teacher 20-NN | random init 1-NN | random init 20-NN"
-    )
+    header = "| job | axis | variant | seed | steps | teacher 1-NN | teacher 20-NN | random init 1-NN | "
+    header += "random init 20-NN"
     assert md.count(header) == 1
     scores = "40.0 ± 1.0 | 42.0 ± 1.0 | 30.0 ± 1.0 | 31.0 ± 1.0"
-    assert f"| 1 | koleo | KoLeo 0.1 | 100 | {scores} | +5.0 | +5.0 | ok |" in md
+    assert f"| 1 | koleo | KoLeo 0.1 |  | 100 | {scores} | +5.0 | +5.0 | ok |" in md
+    assert "| koleo | KoLeo 0.1 | 1-NN | 1 | +5.0 | n/a (1 seed) | +5.0 |" in md  # one seed: no interval
     assert "2 failed job(s)" in md and "job 2 (moving-average centering): FloatingPointError" in md
     assert "FAILED" in capsys.readouterr().out
     csv = pd.read_csv(out / SUMMARY_CSV)
@@ -204,3 +208,32 @@ def test_collect_rejects_a_directory_without_jobs(tmp_path):
         collect(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such sweep"):
         collect(tmp_path / "missing")
+
+
+def test_seeds_pair_each_variant_with_the_baseline_of_the_same_seed(tmp_path):
+    from scipy import stats
+
+    sweep = tmp_path / "multirun"
+    base = {0: 0.30, 1: 0.40, 2: 0.35}  # seed-to-seed spread far larger than the effect
+    gain = {0: 0.02, 1: 0.03, 2: 0.01}
+    for i, seed in enumerate(base):
+        _job(sweep, 2 * i, "baseline", "baseline", base[seed], seed)
+        _job(sweep, 2 * i + 1, "koleo", "KoLeo 0.1", base[seed] + gain[seed], seed)
+    frame = write_summary(sweep, None, "weighted_f1")
+    assert sorted(frame["seed"].dropna().unique()) == [0, 1, 2]
+    csv = pd.read_csv(sweep / SUMMARY_CSV)
+    row = csv[
+        (csv["variant"] == "KoLeo 0.1") & (csv["model"] == "pretrained_teacher") & (csv["knn"] == "k=1")
+    ]
+    diffs = [100 * g for g in gain.values()]
+    half = stats.t.ppf(0.975, 2) * pd.Series(diffs).std() / 3**0.5
+    assert row["paired_seeds"].iloc[0] == 3
+    assert row["paired_diff"].iloc[0] == pytest.approx(2.0)
+    assert row["paired_ci_low"].iloc[0] == pytest.approx(2.0 - half)
+    assert row["paired_ci_high"].iloc[0] == pytest.approx(2.0 + half)
+    md = (sweep / SUMMARY_MD).read_text()
+    assert (
+        f"| koleo | KoLeo 0.1 | 1-NN | 3 | +2.0 | [{2.0 - half:+.1f}, {2.0 + half:+.1f}] | +2.0 +3.0 +1.0 |"
+        in md
+    )
+    assert "| 1 | koleo | KoLeo 0.1 | 0 | 100 |" in md  # each job against its own seed's baseline

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
@@ -27,7 +28,9 @@ from reddino.viz.plots import MODEL_LABELS, ablation_bars, probe_label
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 FIGURE_PNG = "fig2_ablation_bars.png"
-KEYS = ["job", "axis", "variant", "status", "error", "steps", "overrides", "model", "knn"]
+KEYS = ["job", "axis", "variant", "seed", "status", "error", "steps", "overrides", "model", "knn"]
+PAIRED_COLUMNS = ["paired_seeds", "paired_diff", "paired_ci_low", "paired_ci_high"]
+CONFIDENCE = 0.95
 
 
 @dataclass
@@ -37,6 +40,7 @@ class JobRecord:
     job: str
     axis: str
     variant: str
+    seed: int | None
     overrides: str
     status: str  # ok | failed
     error: str
@@ -50,12 +54,15 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
-def _ablation(job_dir: Path) -> dict[str, Any]:
-    """The job's ``ablation`` config key (axis, variant); empty for a job run without one."""
+def _config_keys(job_dir: Path) -> tuple[dict[str, Any], int | None]:
+    """The job's ``ablation`` config key (axis, variant; empty for a job run without one) and seed."""
     for path in (job_dir / "config.yaml", job_dir / ".hydra" / "config.yaml"):
         if path.is_file():
-            return OmegaConf.to_container(OmegaConf.load(path).get("ablation") or {}, resolve=False)
-    return {}
+            cfg = OmegaConf.load(path)
+            seed = cfg.get("seed")
+            ablation = OmegaConf.to_container(cfg.get("ablation") or {}, resolve=False)
+            return ablation, int(seed) if isinstance(seed, int) else None
+    return {}, None
 
 
 def _overrides(job_dir: Path) -> list[str]:
@@ -82,8 +89,8 @@ def _failure(job_dir: Path) -> str:
 
 
 def read_job(job_dir: Path) -> JobRecord:
-    ablation = _ablation(job_dir)
-    overrides = _overrides(job_dir)
+    ablation, seed = _config_keys(job_dir)
+    overrides = [o for o in _overrides(job_dir) if not o.startswith("seed=")]
     results_path = job_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     ok = bool(results.get("results"))
@@ -91,6 +98,7 @@ def read_job(job_dir: Path) -> JobRecord:
         job=job_dir.name,
         axis=str(ablation.get("axis", "-")),
         variant=str(ablation.get("variant", " ".join(overrides) or job_dir.name)),
+        seed=seed,
         overrides=" ".join(overrides),
         status="ok" if ok else "failed",
         error="" if ok else _failure(job_dir),
@@ -125,6 +133,84 @@ def collect(sweep_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=KEYS + [f"{m}_{s}" for m in metrics for s in ("mean", "std")])
 
 
+def _with_seed_key(frame: pd.DataFrame) -> pd.DataFrame:
+    """``seed_key``: the job's seed, or "none" for jobs whose config has none (pairs them together)."""
+    return frame.assign(seed_key=["none" if pd.isna(v) else int(v) for v in frame["seed"]])
+
+
+def paired_differences(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per variant (and model, k): its ``metric`` minus the baseline job's with the same seed, over the
+    seeds both finished, as the mean difference and its 95 % t interval (points; NaN bounds with one
+    seed). A seed changes the pretraining and the report's folds alike, so pairing by seed removes what
+    the two recipes share; a single run cannot rank recipes closer than its seed-to-seed spread."""
+    from scipy import stats
+
+    scored = _with_seed_key(frame[frame["status"] == "ok"])
+    base = scored[scored["axis"] == "baseline"].set_index(["seed_key", "model", "knn"])[f"{metric}_mean"]
+    rows = []
+    others = scored[scored["axis"] != "baseline"]
+    for (axis, variant, model, k), g in others.groupby(["axis", "variant", "model", "knn"], sort=False):
+        diffs = [
+            100 * (r[f"{metric}_mean"] - base[(r["seed_key"], model, k)])
+            for _, r in g.iterrows()
+            if (r["seed_key"], model, k) in base.index
+        ]
+        n = len(diffs)
+        mean = float(np.mean(diffs)) if n else float("nan")
+        half = (
+            float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * np.std(diffs, ddof=1) / np.sqrt(n))
+            if n > 1
+            else float("nan")
+        )
+        rows.append(
+            {
+                "axis": axis,
+                "variant": variant,
+                "model": model,
+                "knn": k,
+                "paired_seeds": n,
+                "paired_diff": mean,
+                "paired_ci_low": mean - half,
+                "paired_ci_high": mean + half,
+                "paired_per_seed": " ".join(f"{d:+.1f}" for d in diffs),
+            }
+        )
+    return pd.DataFrame(rows, columns=["axis", "variant", "model", "knn", *PAIRED_COLUMNS, "paired_per_seed"])
+
+
+def paired_markdown(paired: pd.DataFrame, metric: str) -> list[str]:
+    """The teacher's paired differences as a table (an interval needs at least two seeds)."""
+    teacher = paired[paired["model"] == "pretrained_teacher"]
+    if teacher.empty:
+        return []
+    table = pd.DataFrame(
+        {
+            "axis": teacher["axis"],
+            "variant": teacher["variant"],
+            "probe": [probe_label(k) for k in teacher["knn"]],
+            "seeds": teacher["paired_seeds"],
+            f"Δ {metric} (points)": [f"{d:+.1f}" for d in teacher["paired_diff"]],
+            "95% CI": [
+                "n/a (1 seed)" if n < 2 else f"[{lo:+.1f}, {hi:+.1f}]"
+                for n, lo, hi in zip(
+                    teacher["paired_seeds"], teacher["paired_ci_low"], teacher["paired_ci_high"], strict=True
+                )
+            ],
+            "per seed": teacher["paired_per_seed"],
+        }
+    )
+    return [
+        "## Teacher vs the baseline, paired by seed",
+        "",
+        "Mean over seeds of (variant - baseline job with the same seed), with a 95 % t interval. An "
+        "interval that contains 0 does not rank the two recipes. Add seeds with "
+        '`make ablations ARGS="seed=0,1,2"`.',
+        "",
+        markdown_table(table.reset_index(drop=True)),
+        "",
+    ]
+
+
 def metric_names(frame: pd.DataFrame) -> list[str]:
     """The metrics ``collect`` found (columns ``<metric>_mean``)."""
     return [c[: -len("_mean")] for c in frame.columns if c.endswith("_mean")]
@@ -137,28 +223,30 @@ def _cell(mean: float, std: float) -> str:
 def wide_table(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One row per job: ``metric`` as mean ± std (%) per model and k, the teacher's change from the
     baseline job (percentage points), and the job's status (with its error when it failed)."""
+    frame = _with_seed_key(frame)
     scored = frame[frame["status"] == "ok"]
-    baseline = scored[scored["axis"] == "baseline"].set_index(["model", "knn"])
+    baseline = scored[scored["axis"] == "baseline"].set_index(["seed_key", "model", "knn"])
     score_cols: dict[str, None] = {}
     delta_cols: dict[str, None] = {}
     rows = []
     for job, g in frame.groupby("job", sort=False):
         first = g.iloc[0]
         steps = "" if pd.isna(first["steps"]) else str(int(first["steps"]))
-        row = {"job": job, "axis": first["axis"], "variant": first["variant"], "steps": steps}
+        seed = "" if pd.isna(first["seed"]) else str(int(first["seed"]))
+        row = {"job": job, "axis": first["axis"], "variant": first["variant"], "seed": seed, "steps": steps}
         for s in g[g["status"] == "ok"].itertuples(index=False):
             mean = getattr(s, f"{metric}_mean")
             label = f"{MODEL_LABELS.get(s.model, s.model)} {probe_label(s.knn)}"
             row[label] = _cell(mean, getattr(s, f"{metric}_std"))
             score_cols[label] = None
-            if s.model == "pretrained_teacher" and (s.model, s.knn) in baseline.index:
+            if s.model == "pretrained_teacher" and (first["seed_key"], s.model, s.knn) in baseline.index:
                 if first["axis"] != "baseline":
-                    base = baseline.at[(s.model, s.knn), f"{metric}_mean"]
+                    base = baseline.at[(first["seed_key"], s.model, s.knn), f"{metric}_mean"]
                     row[f"Δ {label}"] = f"{100 * (mean - base):+.1f}"
                 delta_cols[f"Δ {label}"] = None
         row["status"] = "ok" if first["status"] == "ok" else f"FAILED: {first['error']}"
         rows.append(row)
-    columns = ["job", "axis", "variant", "steps", *score_cols, *delta_cols, "status"]
+    columns = ["job", "axis", "variant", "seed", "steps", *score_cols, *delta_cols, "status"]
     return pd.DataFrame(rows, columns=columns).astype(object).fillna("")
 
 
@@ -168,10 +256,11 @@ def summary_markdown(frame: pd.DataFrame, metric: str, sweep_dir: Path) -> str:
         f"# Ablation summary: {sweep_dir}",
         "",
         f"{metric} in % (mean ± std over folds) of the end-of-run k-NN report; Δ = teacher minus the "
-        "baseline job's teacher, in points.",
+        "teacher of the baseline job with the same seed, in points.",
         "",
         markdown_table(wide_table(frame, metric)),
         "",
+        *paired_markdown(paired_differences(frame, metric), metric),
     ]
     if len(failed):
         lines += [f"**{len(failed)} failed job(s):**", ""]
@@ -189,7 +278,13 @@ def write_summary(sweep_dir: str | Path, out_dir: str | Path | None, metric: str
     frame = collect(sweep_dir)
     if metric not in metric_names(frame) and (frame["status"] == "ok").any():
         raise ValueError(f"no metric {metric!r} in the results; they hold {metric_names(frame)}")
-    frame.to_csv(out / SUMMARY_CSV, index=False)
+    paired = paired_differences(frame, metric)
+    with_pairs = frame.merge(
+        paired[["axis", "variant", "model", "knn", *PAIRED_COLUMNS]],
+        on=["axis", "variant", "model", "knn"],
+        how="left",
+    )
+    with_pairs.to_csv(out / SUMMARY_CSV, index=False)
     (out / SUMMARY_MD).write_text(summary_markdown(frame, metric, sweep_dir))
     fig = ablation_bars(frame, metric)
     fig.savefig(out / FIGURE_PNG, dpi=150)

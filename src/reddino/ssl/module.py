@@ -31,6 +31,7 @@ from reddino.ssl.distributed import all_reduce_sum_, max_rank_difference
 from reddino.ssl.ema import ema_param_pairs, ema_update_
 from reddino.ssl.heads import DINOHead
 from reddino.ssl.losses import dino_loss_terms, ibot_patch_loss, koleo_loss
+from reddino.ssl.monitors import collapse_monitors
 from reddino.ssl.param_groups import apply_schedules_, build_param_groups
 from reddino.ssl.schedules import SSLSchedules, scale_lr
 from reddino.ssl.sharding import clip_grad_norm_, sharded_ema_update_
@@ -301,17 +302,15 @@ class DinoV2Module(pl.LightningModule):
         cls: Tensor,
         batch_size: int,
     ) -> None:
-        """Loss terms, schedules and collapse monitors (teacher entropy, spread of normalised CLS)."""
+        """Loss terms, schedules and collapse monitors (``reddino.ssl.monitors``; the CollapseGuard
+        callback reads them)."""
         logs = {f"train/{k}": v.detach() for k, v in terms.items()}
         logs["train/loss"] = total.detach()
         logs.update({f"schedule/{k}": float(v) for k, v in self._step_values.items()})
         with torch.no_grad():
-            if isinstance(probs, ChunkedTargets):
-                entropy = probs.mean_entropy()
-            else:
-                entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+            monitors = collapse_monitors(probs, self.student["dino_head"], cls)
             cls_std = F.normalize(cls.detach().float(), dim=-1).std(dim=0).mean()
-        logs["monitor/teacher_entropy"] = entropy
+        logs.update({f"monitor/{k}": v for k, v in monitors.items()})
         logs["monitor/cls_std"] = cls_std
         logs["monitor/cls_std_uniform"] = torch.tensor(cls.shape[-1] ** -0.5)
         self.log_dict(

@@ -29,7 +29,14 @@ def ablation_bars(frame: pd.DataFrame, metric: str) -> Figure:
     keeps its slot, marked "failed", so a missing bar is never mistaken for a zero score. The dashed line
     is the baseline job's teacher.
     """
-    jobs = frame.drop_duplicates("job")[["job", "variant", "axis", "status"]].reset_index(drop=True)
+    columns = ["job", "variant", "axis", "status", *(["seed"] if "seed" in frame else [])]
+    jobs = frame.drop_duplicates("job")[columns].reset_index(drop=True)
+    labels = list(jobs["variant"])
+    if "seed" in jobs and jobs["seed"].nunique() > 1:  # several seeds: one bar per job, named by seed
+        labels = [
+            f"{v} (seed {int(s)})" if s == s else v
+            for v, s in zip(jobs["variant"], jobs["seed"], strict=True)
+        ]
     scored = frame[frame["status"] == "ok"]
     ks = list(dict.fromkeys(scored["knn"]))
     models = list(dict.fromkeys(scored["model"]))
@@ -54,13 +61,13 @@ def ablation_bars(frame: pd.DataFrame, metric: str) -> Figure:
         base = scored[(scored["axis"] == "baseline") & (scored["knn"] == k)]
         base = base[base["model"] == "pretrained_teacher"]
         if len(base):
-            ax.axhline(
-                100 * base[f"{metric}_mean"].iloc[0], color="0.3", ls="--", lw=1, label="baseline teacher"
+            ax.axhline(  # the mean over the baseline's seeds
+                100 * base[f"{metric}_mean"].mean(), color="0.3", ls="--", lw=1, label="baseline teacher"
             )
         for xi, status in zip(x, jobs["status"], strict=True):
             if status != "ok":
                 ax.text(xi, 1, "failed", ha="center", va="bottom", rotation=90, color="tab:red")
-        ax.set_xticks(x, jobs["variant"], rotation=35, ha="right", fontsize=8)
+        ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
         ax.set_xlim(-0.6, len(jobs) - 0.4)  # keeps the slots of failed jobs at the ends visible
         ax.set_title(probe_label(k) if k else "no job finished")
         ax.grid(axis="y", alpha=0.3)
