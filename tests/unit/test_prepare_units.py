@@ -325,3 +325,33 @@ def test_low_segmentation_coverage_is_noted(tmp_path):
     assert result.images["foreground_covered"].tolist() == [0.2]
     assert result.images["segmented_cells"].tolist() == [1.0]
     assert any("segmentation covers 20% of the stained foreground" in r for r in result.skipped["reason"])
+
+
+def test_read_manifest_can_keep_only_the_unlabelled_images_of_an_evaluation_dataset(tmp_path):
+    rows = [
+        ("a.png", "cell", "eval", "normal"),  # a labelled image of the evaluation set ...
+        ("a.png", "patch", "eval", None),  # ... whose patches must go with it
+        ("b.png", "cell", "eval", None),  # an unlabelled smear of the same dataset: kept
+        ("c.png", "cell", "other", "RBC"),  # another dataset's boxes: untouched
+    ]
+    frame = pd.DataFrame(
+        {
+            "file": [str(tmp_path / r[0]) for r in rows],
+            "x0": 0, "y0": 0, "x1": 8, "y1": 8,
+            "unit": [r[1] for r in rows],
+            "source": [r[2] for r in rows],
+            "subject": "s",
+            "label": [r[3] for r in rows],
+            "split": None,
+            "dataset": [r[2] for r in rows],
+            "image_hash": "0",
+        }
+    )  # fmt: skip
+    path = tmp_path / "manifests" / "union.parquet"
+    path.parent.mkdir()
+    frame.to_parquet(path)
+    cells = read_manifest(path, "cell", None, None, False, unlabelled_images_of=["eval"])
+    assert sorted(f.rsplit("/", 1)[-1] for f in cells["file"]) == ["b.png", "c.png"]
+    assert len(read_manifest(path, "patch", None, None, False)) == 1
+    with pytest.raises(ValueError, match="no patch units left"):  # a.png's patch went with its labels
+        read_manifest(path, "patch", None, None, False, unlabelled_images_of=["eval"])

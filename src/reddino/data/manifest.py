@@ -155,13 +155,17 @@ def read_manifest(
     datasets: Sequence[str] | None,
     sources: Sequence[str] | None,
     labelled_only: bool,
+    unlabelled_images_of: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Units of one kind from a prepared manifest (``reddino-prepare``), optionally filtered.
 
     ``datasets``/``sources`` keep only those catalog names / source ids (None = all); ``labelled_only``
-    drops units without a label (evaluation). A relative ``file`` is resolved against the prepared folder
-    (``prepared_root``), so a packed copy can be moved. Raises naming the file when it is missing or the
-    filter leaves nothing; a missing image raises at load time naming its resolved path.
+    drops units without a label (evaluation); ``unlabelled_images_of`` lists datasets whose images
+    holding any labelled unit are dropped whole (their labelled images are the evaluation set, e.g.
+    Chula's: pretraining may then use its unlabelled smears only). A relative ``file`` is resolved
+    against the prepared folder (``prepared_root``), so a packed copy can be moved. Raises naming the
+    file when it is missing or the filter leaves nothing; a missing image raises at load time naming
+    its resolved path.
     """
     path = Path(path)
     if not path.is_file():
@@ -178,6 +182,9 @@ def read_manifest(
             keep &= table[column].isin(list(wanted))
     if labelled_only:
         keep &= table["label"].notna()
+    if unlabelled_images_of:
+        labelled_files = set(table.loc[table["label"].notna(), "file"])
+        keep &= ~(table["dataset"].isin(list(unlabelled_images_of)) & table["file"].isin(labelled_files))
     table = table[keep].reset_index(drop=True)
     if table.empty:
         raise ValueError(f"{path}: no {unit} units left (datasets={datasets}, sources={sources})")
