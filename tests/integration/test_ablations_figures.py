@@ -54,7 +54,7 @@ def test_a_failed_job_is_recorded_and_the_rest_summarised(sweep, capsys):
     assert not (sweep / "1" / "results.json").exists()
     assert main([str(sweep)]) == 1
     md = (sweep / SUMMARY_MD).read_text()
-    assert "| 0 | baseline | baseline | 4 |" in md  # debug=fast: 2 epochs x 2 steps
+    assert "| 0 | baseline | baseline | 0 | 4 |" in md  # debug=fast: 2 epochs x 2 steps
     assert "1 failed job(s)" in md and "must be one of" in md
     assert (sweep / FIGURE_PNG).is_file()
     assert "FAILED" in capsys.readouterr().out

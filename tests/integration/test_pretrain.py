@@ -165,7 +165,8 @@ def test_the_collapse_guard_stops_a_collapsing_recipe(make_cfg):
             "callbacks.collapse_guard.stop=true",
         )
     )
-    assert set(summary["collapse_guard"]) == {"uniform_targets"}
+    # uniform targets, and (LayerScale 1e-5) the input-independent CLS behind them
+    assert {"uniform_targets", "constant_features"} == set(summary["collapse_guard"])
     assert "Too many prototypes" in summary["collapse_guard"]["uniform_targets"]
     assert summary["steps"] == 2  # stopped at the second failing check of a 4-step run
 
