@@ -57,6 +57,9 @@ figures: $(STAMP) ## execute notebooks/*.ipynb (newest runs, or REDDINO_RUN_DIR 
 test: $(STAMP) ## run the test suite (what .ci/run calls)
 	$(BIN)/python -m pytest $(TEST_ARGS)
 
+test-fast: $(STAMP) ## the inner loop: every test not marked slow (no end-to-end runs)
+	$(BIN)/python -m pytest -m "not slow" $(TEST_ARGS)
+
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
@@ -68,4 +71,4 @@ format: $(STAMP) ## ruff autofix and format
 clean: ## remove caches and run outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache outputs multirun
 
-.PHONY: help install lock eval prepare pack pretrain ablations figures test lint format clean
+.PHONY: help install lock eval prepare pack pretrain ablations figures test test-fast lint format clean
