@@ -136,3 +136,10 @@ class CollapseGuard(pl.Callback):
             if self.stop:
                 log.warning("collapse guard: stopping the run (callbacks.collapse_guard.stop=true)")
                 trainer.should_stop = True
+
+
+def collapse_diagnoses(callbacks: list[pl.Callback]) -> dict[str, str]:
+    """What the run's CollapseGuard diagnosed (empty without one, or when the run was healthy)."""
+    return {
+        name: text for cb in callbacks if isinstance(cb, CollapseGuard) for name, text in cb.diagnoses.items()
+    }

@@ -31,33 +31,21 @@ from reddino.data.prepare import (
     MANIFEST_COLUMNS,
     CellSettings,
     PatchSettings,
+    coverage_warnings,
     materialise_units,
     prepare_parsed,
+    segmentation_summary,
     write_parquet_atomic,
     write_text_atomic,
 )
-from reddino.data.segment import LOW_COVERAGE, LazySegmenter
+from reddino.data.segment import LazySegmenter
 from reddino.data.sources.catalog import SourceSpec, resolve_root
-from reddino.data.sources.download import (
-    ArchiveLimitError,
-    DatasetUnavailableError,
-    DownloadFailedError,
-    UnsafeArchiveError,
-    UnverifiedDownloadError,
-    fetch_source,
-)
+from reddino.data.sources.download import SOURCE_FAILURES, DatasetUnavailableError, fetch_source
 from reddino.data.sources.parsers import parse_source
 from reddino.data.sources.records import ParsedSource
 from reddino.tables import markdown_table
 
 log = logging.getLogger("reddino.prepare")
-SOURCE_FAILURES = (
-    DatasetUnavailableError,
-    UnverifiedDownloadError,
-    DownloadFailedError,
-    UnsafeArchiveError,
-    ArchiveLimitError,
-)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -146,26 +134,6 @@ def summarise(units: pd.DataFrame, images: pd.DataFrame, duplicates: pd.DataFram
         images[images["file"].isin(set(duplicates["file"]))].groupby(keys).size().rename("duplicates_dropped")
     )
     return table.join(dup, how="left").fillna(0).astype(int).reset_index()
-
-
-def segmentation_summary(images: pd.DataFrame) -> pd.DataFrame:
-    """Per dataset and source id, over the images that were segmented: how many, the cells found, the
-    estimated cell diameter, the cell size distribution and how much stained foreground the accepted
-    cells cover (median, and the share of images below ``LOW_COVERAGE``)."""
-    seg = images[images["segmented_cells"].notna()]
-    if seg.empty:
-        return pd.DataFrame(columns=["dataset", "source", "images_segmented"])
-    grouped = seg.groupby(["dataset", "source"])
-    return grouped.agg(
-        images_segmented=("file", "size"),
-        cells=("segmented_cells", "sum"),
-        cell_diameter_px=("cell_diameter_px", "median"),
-        cell_area_p10=("cell_area_p10", "median"),
-        cell_area_median=("cell_area_median", "median"),
-        cell_area_p90=("cell_area_p90", "median"),
-        foreground_covered=("foreground_covered", "median"),
-        images_low_coverage=("foreground_covered", lambda c: int((c < LOW_COVERAGE).sum())),
-    ).reset_index()
 
 
 def report_markdown(report: dict[str, Any], table: pd.DataFrame, reasons: pd.DataFrame) -> str:
@@ -265,14 +233,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         .reset_index()
     )
     segmentation = segmentation_summary(all_images)
-    warnings = [
-        f"{r.dataset} / {r.source}: accepted cells cover a median {r.foreground_covered:.0%} of the stained "
-        f"foreground ({r.images_low_coverage} of {r.images_segmented} images below {LOW_COVERAGE:.0%}); "
-        f"estimated cell diameter {r.cell_diameter_px:.0f} px. Check the magnification (pixel size) and "
-        "segmentation settings, or use cellpose"
-        for r in segmentation.itertuples(index=False)
-        if not r.foreground_covered >= LOW_COVERAGE
-    ]
+    warnings = coverage_warnings(segmentation)
     for warning in warnings:
         log.warning(warning)
     report = {

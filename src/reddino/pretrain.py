@@ -24,7 +24,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 import reddino.config  # noqa: F401  (registers the ${int_mul:...} resolver)
-from reddino.callbacks import CollapseGuard
+from reddino.callbacks import collapse_diagnoses
 from reddino.cli import one_line_errors
 from reddino.config_checks import check_config, check_crop_sizes, check_schedule_length, pretrain_rules
 from reddino.data.datamodules import PretrainDataModule
@@ -267,12 +267,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "steps": int(trainer.global_step),
         "world_size": trainer.world_size,
         "teacher_rank_difference": module.teacher_rank_difference,
-        "collapse_guard": {
-            name: text
-            for cb in trainer.callbacks
-            if isinstance(cb, CollapseGuard)
-            for name, text in cb.diagnoses.items()
-        },
+        "collapse_guard": collapse_diagnoses(trainer.callbacks),
     }
     teacher = final_teacher(trainer, module, initial)  # collective under FSDP: every rank calls it
     if trainer.is_global_zero:

@@ -371,3 +371,35 @@ def materialise_units(units: pd.DataFrame, out_dir: Path, image_cache_size: int)
         widths.append(box[2] - box[0])
         heights.append(box[3] - box[1])
     return rows.assign(file=files, x0=0, y0=0, x1=widths, y1=heights)
+
+
+def segmentation_summary(images: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset and source id, over the images that were segmented: how many, the cells found, the
+    estimated cell diameter, the cell size distribution and how much stained foreground the accepted
+    cells cover (median, and the share of images below ``LOW_COVERAGE``)."""
+    seg = images[images["segmented_cells"].notna()]
+    if seg.empty:
+        return pd.DataFrame(columns=["dataset", "source", "images_segmented"])
+    grouped = seg.groupby(["dataset", "source"])
+    return grouped.agg(
+        images_segmented=("file", "size"),
+        cells=("segmented_cells", "sum"),
+        cell_diameter_px=("cell_diameter_px", "median"),
+        cell_area_p10=("cell_area_p10", "median"),
+        cell_area_median=("cell_area_median", "median"),
+        cell_area_p90=("cell_area_p90", "median"),
+        foreground_covered=("foreground_covered", "median"),
+        images_low_coverage=("foreground_covered", lambda c: int((c < LOW_COVERAGE).sum())),
+    ).reset_index()
+
+
+def coverage_warnings(segmentation: pd.DataFrame) -> list[str]:
+    """One warning per source whose accepted cells cover less than ``LOW_COVERAGE`` of the stain."""
+    return [
+        f"{r.dataset} / {r.source}: accepted cells cover a median {r.foreground_covered:.0%} of the stained "
+        f"foreground ({r.images_low_coverage} of {r.images_segmented} images below {LOW_COVERAGE:.0%}); "
+        f"estimated cell diameter {r.cell_diameter_px:.0f} px. Check the magnification (pixel size) and "
+        "segmentation settings, or use cellpose"
+        for r in segmentation.itertuples(index=False)
+        if not r.foreground_covered >= LOW_COVERAGE
+    ]

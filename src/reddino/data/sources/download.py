@@ -475,3 +475,14 @@ def _link_on_path(path: str, links: set[str]) -> str | None:
         if index < len(parts) - 1 and prefix in links:
             return prefix
     return None
+
+
+# What makes one source unavailable without stopping a run (``missing_sources: skip``): not on disk,
+# no checksum to trust, a failed or changed download, a refused archive.
+SOURCE_FAILURES = (
+    DatasetUnavailableError,
+    UnverifiedDownloadError,
+    DownloadFailedError,
+    UnsafeArchiveError,
+    ArchiveLimitError,
+)
