@@ -72,7 +72,7 @@ def resample_pos_embed_dinov2(
     Why these exact semantics: RedDino starts from the hub DINOv2 weights made for 518 px (M = 37) and
     resizes them ONCE to the 224 px grid (G = 16) with its ``interpolate_pos_encoding`` helper: bicubic
     ``F.interpolate`` with ``scale_factor = G / M`` (not ``size``), ``align_corners=False`` and no
-    antialiasing, computed in float32 (REFERENCE.md 1.2, ``get_downloaded_dino_vit_interpolated``). Loading
+    antialiasing, computed in float32 (RedDino's ``get_downloaded_dino_vit_interpolated``). Loading
     hub weights the same way keeps our 224 px model identical to RedDino's starting point.
     ``offset=0.1`` gives DINOv2's own run-time variant (``scale_factor = (G + 0.1) / M``,
     ``interpolate_offset``), which samples slightly different positions. Same size: returned unchanged,

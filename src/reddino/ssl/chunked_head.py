@@ -102,15 +102,6 @@ class ChunkedTargets:
             return self.z.new_zeros((0, self.n_prototypes), dtype=torch.float32)
         return torch.cat([self.rows(s) for s in row_chunks(len(self), self.chunk_size)])
 
-    @torch.no_grad()
-    def mean_entropy(self) -> Tensor:
-        """Mean over rows of the target entropy (the collapse monitor), chunk by chunk."""
-        total = self.z.new_zeros((), dtype=torch.float32)
-        for s in row_chunks(len(self), self.chunk_size):
-            t = self.rows(s)
-            total += -(t * torch.log(t.clamp_min(1e-12))).sum()
-        return total / max(len(self), 1)
-
 
 @torch.no_grad()
 def chunked_sinkhorn_knopp(

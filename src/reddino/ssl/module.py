@@ -14,7 +14,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -309,10 +308,10 @@ class DinoV2Module(pl.LightningModule):
         logs.update({f"schedule/{k}": float(v) for k, v in self._step_values.items()})
         with torch.no_grad():
             monitors = collapse_monitors(probs, self.student["dino_head"], cls)
-            cls_std = F.normalize(cls.detach().float(), dim=-1).std(dim=0).mean()
+        uniform_std = cls.shape[-1] ** -0.5  # the spread is the std over this uniform-sphere value
         logs.update({f"monitor/{k}": v for k, v in monitors.items()})
-        logs["monitor/cls_std"] = cls_std
-        logs["monitor/cls_std_uniform"] = torch.tensor(cls.shape[-1] ** -0.5)
+        logs["monitor/cls_std"] = monitors["cls_spread"] * uniform_std
+        logs["monitor/cls_std_uniform"] = torch.tensor(uniform_std)
         self.log_dict(
             logs, on_step=True, on_epoch=False, prog_bar=False, batch_size=batch_size, sync_dist=False
         )
