@@ -2,7 +2,7 @@
 
 One thread (torch, OpenCV), so the figure is views/s per core; a loader with W workers does about W times
 that. Also times every RedDino pixel transform alone (albumentations 2.x made some of them far slower
-than 1.3, see the design notes), so a slow one can be dropped from conf/augment/reddino.yaml.
+than 1.3, see docs/measured_costs.md §4-§5), so a slow one can be dropped from conf/augment/reddino.yaml.
 
     .venv/bin/python benchmarks/augment_throughput.py                          # 224 px, RedDino sizes
     .venv/bin/python benchmarks/augment_throughput.py --units 8 --repeats 1 ssl.crops.global_size=32

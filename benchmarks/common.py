@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-import reddino.config  # noqa: F401  (resolvers)
+import reddino.runtime.resolvers  # noqa: F401  (resolvers)
 from reddino.data.datamodules import PretrainDataModule
 from reddino.ssl.module import DinoV2Module
 

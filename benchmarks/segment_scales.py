@@ -17,9 +17,11 @@ precision is a lower bound there; what matters is that it holds across scales.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -27,8 +29,9 @@ import numpy as np
 from benchmarks.segment_chula import CLASSICAL_PARAMS, machine
 from reddino.data.io import read_rgb
 from reddino.data.segment import ClassicalSegmenter, estimate_cell_diameter, match_centres
-from reddino.data.sources.catalog import data_root_from_env, load_catalog, resolve_root
+from reddino.data.sources.catalog import load_source, resolve_root
 from reddino.data.sources.parsers import parse_source
+from reddino.runtime.paths import config_dir
 
 SCALES = (0.5, 1.0, 2.0)
 DATASETS = ("chula_rbc12", "txl_pbc", "bccd")
@@ -37,10 +40,11 @@ RBC_LABELS = {"txl_pbc": "RBC", "bccd": "RBC"}  # Chula: every labelled point is
 
 def labelled_points(name: str, limit: int | None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """(file, RGB, RBC centres) for each image of ``name`` with at least one red-cell label."""
-    spec = load_catalog()[name]
-    parsed = parse_source(
-        name, resolve_root(spec, data_root_from_env()), spec.layout, spec.subject, spec.source
-    )
+    spec = load_source(config_dir() / "data" / "source" / f"{name}.yaml")
+    data_root = os.environ.get("REDDINO_DATA_ROOT")
+    if not data_root:
+        raise SystemExit("set REDDINO_DATA_ROOT to the folder holding the datasets (the Makefile does)")
+    parsed = parse_source(name, resolve_root(spec, Path(data_root)), spec.layout, spec.subject, spec.source)
     objects = parsed.objects
     if name in RBC_LABELS:
         objects = objects[objects["label"] == RBC_LABELS[name]]

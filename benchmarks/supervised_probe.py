@@ -106,7 +106,7 @@ def main() -> None:
     features, labels = extract_cls_features(backbone, held_out, cfg.report.batch_size, 0, "cpu")
     groups = held_out.units[cfg.report.group_by].to_numpy()
     scores = grouped_knn_scores(
-        features, labels, groups, cfg.report.ks, len(classes), cfg.report.n_splits, cfg.seed
+        features, labels, groups, cfg.report.knn, len(classes), cfg.report.n_splits, cfg.seed
     )
 
     print(f"# supervised probe, {platform.processor() or platform.machine()}, {date.today()}")

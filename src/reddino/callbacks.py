@@ -9,7 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
+import numpy as np
 import pytorch_lightning as pl
+import torch
 
 log = logging.getLogger("reddino.pretrain")
 
@@ -143,3 +146,127 @@ def collapse_diagnoses(callbacks: list[pl.Callback]) -> dict[str, str]:
     return {
         name: text for cb in callbacks if isinstance(cb, CollapseGuard) for name, text in cb.diagnoses.items()
     }
+
+
+class KnnProbe(pl.Callback):
+    """The learning curve: every ``every_n_steps`` (and before the first step), k-NN weighted F1 of the
+    teacher's CLS features on a small labelled held-out set, folds grouped by ``group_by``.
+
+    Cheap by design: ``max_units`` units are cut and resized once (uint8) when training starts and only
+    normalised per batch. Scores go to the loggers as ``probe/knn<k>_weighted_f1`` and into ``curve``
+    (reddino-pretrain writes it to results.json). ``units`` is a config node (instantiated at setup, so
+    a disabled probe never reads its data). Not available with sharded (FSDP) teachers.
+    """
+
+    def __init__(
+        self,
+        enabled: bool,
+        units: Any,
+        classes: list[str],
+        every_n_steps: int,
+        max_units: int,
+        knn: Any,
+        n_splits: int,
+        group_by: str,
+        input_size: int,
+        mean: list[float],
+        std: list[float],
+        batch_size: int,
+        seed: int,
+    ) -> None:
+        if every_n_steps < 1 or max_units < 2 or n_splits < 2 or batch_size < 1:
+            raise ValueError(
+                "KnnProbe needs every_n_steps >= 1, max_units >= 2, n_splits >= 2 and batch_size >= 1"
+            )
+        self.enabled = enabled
+        self.units_config = units
+        self.classes = list(classes)
+        self.every_n_steps = every_n_steps
+        self.max_units = max_units
+        self.knn = knn
+        self.ks = [int(k) for k in knn["ks"]]
+        self.n_splits = n_splits
+        self.group_by = group_by
+        self.input_size = input_size
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std).view(1, 3, 1, 1) * 255.0
+        self.batch_size = batch_size
+        self.seed = seed
+        self.curve: list[dict[str, float]] = []
+        self._images: torch.Tensor | None = None
+        self._labels: torch.Tensor | None = None
+        self._groups: np.ndarray | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.enabled or self._images is not None:
+            return
+        if "fsdp" in type(trainer.strategy).__name__.lower():
+            raise ValueError("callbacks.knn_probe: the k-NN probe does not support FSDP; set enabled=false")
+        from hydra.utils import instantiate
+
+        from reddino.data.datasets import LabelledUnitDataset
+
+        units = instantiate(self.units_config)
+        if len(units) > self.max_units:
+            units = units.sample(n=self.max_units, random_state=self.seed)
+        units = units.sort_values("file", kind="stable").reset_index(drop=True)  # each smear decoded once
+        size = self.input_size
+        dataset = LabelledUnitDataset(
+            units,
+            lambda crop: cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR),
+            self.classes,
+            64,
+        )
+        self._images = torch.from_numpy(np.stack([dataset[i][0] for i in range(len(dataset))])).permute(
+            0, 3, 1, 2
+        )
+        self._labels = torch.tensor(dataset.targets)
+        self._groups = units[self.group_by].to_numpy()
+        log.info("k-NN probe: %d held-out units, every %d steps", len(units), self.every_n_steps)
+
+    @torch.no_grad()
+    def score(self, backbone: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        """Weighted F1 in percent per k, mean over the grouped folds."""
+        from reddino.eval.features import pool_tokens
+        from reddino.eval.knn_report import grouped_knn_scores
+
+        assert self._images is not None and self._labels is not None and self._groups is not None
+        was_training = backbone.training
+        backbone.eval()
+        feats = []
+        for start in range(0, len(self._images), self.batch_size):
+            batch = (self._images[start : start + self.batch_size].float() - self.mean) / self.std
+            feats.append(pool_tokens(backbone, batch.to(device), "cls").float().cpu())
+        backbone.train(was_training)
+        features, n_classes = torch.cat(feats), len(self.classes)
+        scores = grouped_knn_scores(
+            features, self._labels, self._groups, self.knn, n_classes, self.n_splits, self.seed
+        )
+        return {f"knn{k}_weighted_f1": 100.0 * scores[f"k={k}"]["weighted_f1"]["mean"] for k in self.ks}
+
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if not self.enabled or not trainer.is_global_zero or any(p["step"] == step for p in self.curve):
+            return
+        scores = self.score(pl_module.teacher["backbone"], pl_module.device)
+        self.curve.append({"step": step, **scores})
+        log.info("k-NN probe at step %d: %s", step, ", ".join(f"{k} {v:.1f}" for k, v in scores.items()))
+        for logger in trainer.loggers:
+            logger.log_metrics({f"probe/{k}": v for k, v in scores.items()}, step=step)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._probe(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._probe(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._probe(trainer, pl_module)
+
+
+def knn_curve(callbacks: list[pl.Callback]) -> list[dict[str, float]]:
+    """The learning curve the run's KnnProbe recorded (empty without an enabled one)."""
+    return [point for cb in callbacks if isinstance(cb, KnnProbe) for point in cb.curve]

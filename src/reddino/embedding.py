@@ -23,7 +23,6 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from reddino.cli import one_line_errors
 from reddino.data.datasets import UnitDataset, eval_transform
 from reddino.data.io import BadImageError, read_rgb
 from reddino.data.manifest import UNIT_COLUMNS
@@ -32,11 +31,13 @@ from reddino.data.segment import LazySegmenter
 from reddino.data.sources.parsers import parse_flat
 from reddino.data.sources.records import empty_objects
 from reddino.eval.features import pool_tokens
+from reddino.runtime.paths import config_dir
+from reddino.runtime.user_errors import one_line_errors
 from reddino.weights import LoadedBackbone, load_backbone
 
 log = logging.getLogger("reddino.embed")
 MODES = ("image", "patch", "cell")
-PREPARE_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "prepare.yaml"
+PREPARE_CONFIG = config_dir() / "prepare.yaml"
 
 
 def find_units(

@@ -24,9 +24,7 @@ from pytorch_lightning.loggers import WandbLogger
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-import reddino.config  # noqa: F401  (resolvers)
-from reddino.cli import one_line_errors
-from reddino.config_checks import check_config, eval_rules
+import reddino.runtime.resolvers  # noqa: F401  (resolvers)
 from reddino.data.datasets import LabelledUnitDataset, UnitDataset, eval_transform
 from reddino.eval.batch_effects import neighbour_source_mixing, source_predictability
 from reddino.eval.features import (
@@ -42,12 +40,14 @@ from reddino.eval.linear import reference_C, sklearn_linear_probe, torch_linear_
 from reddino.eval.metrics import classification_metrics, confusion_matrix
 from reddino.eval.morphometrics import MORPHOMETRIC_NAMES, morphometric_features
 from reddino.eval.protocols import Split, make_splits
-from reddino.review import confusion_figure, log_review, save_figure
-from reddino.tables import markdown_table
+from reddino.runtime.config_checks import check_config, eval_rules
+from reddino.runtime.dashboard import confusion_figure, log_review, save_figure
+from reddino.runtime.markdown import markdown_table
+from reddino.runtime.paths import CONFIG_PATH
+from reddino.runtime.user_errors import one_line_errors
 from reddino.weights import LoadedBackbone, build_from_config, load_backbone
 
 log = logging.getLogger("reddino.evaluate")
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 MORPHOMETRICS_VERSION = "morphometrics-v1"
 
 
@@ -336,7 +336,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 @one_line_errors("reddino-eval")
 def main(cfg: DictConfig) -> None:
     run(cfg)

@@ -23,9 +23,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-import reddino.config  # noqa: F401  (resolvers)
-from reddino.cli import one_line_errors
-from reddino.config_checks import check_config, prepare_rules
+import reddino.runtime.resolvers  # noqa: F401  (resolvers)
 from reddino.data.dedup import find_duplicates
 from reddino.data.prepare import (
     MANIFEST_COLUMNS,
@@ -43,10 +41,12 @@ from reddino.data.sources.catalog import SourceSpec, resolve_root
 from reddino.data.sources.download import SOURCE_FAILURES, DatasetUnavailableError, fetch_source
 from reddino.data.sources.parsers import parse_source
 from reddino.data.sources.records import ParsedSource
-from reddino.tables import markdown_table
+from reddino.runtime.config_checks import check_config, prepare_rules
+from reddino.runtime.markdown import markdown_table
+from reddino.runtime.paths import CONFIG_PATH
+from reddino.runtime.user_errors import one_line_errors
 
 log = logging.getLogger("reddino.prepare")
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def reason_kind(reason: str) -> str:
@@ -255,7 +255,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="prepare")
 @one_line_errors("reddino-prepare")
 def main(cfg: DictConfig) -> None:
     run(cfg)

@@ -23,24 +23,29 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-import reddino.config  # noqa: F401  (registers the ${int_mul:...} resolver)
-from reddino.callbacks import collapse_diagnoses
-from reddino.cli import one_line_errors
-from reddino.config_checks import check_config, check_crop_sizes, check_schedule_length, pretrain_rules
+import reddino.runtime.resolvers  # noqa: F401  (registers the ${int_mul:...} resolver)
+from reddino.callbacks import collapse_diagnoses, knn_curve
 from reddino.data.datamodules import PretrainDataModule
 from reddino.data.datasets import LabelledUnitDataset, eval_transform
 from reddino.data.masking import SSLCollator
 from reddino.eval.features import extract_cls_features
-from reddino.eval.knn_report import format_table, grouped_knn_scores
-from reddino.fast_path import FastPath, apply_global_switches, compile_blocks_, set_fused_attention_
-from reddino.launch import pin_children_to_this_job
-from reddino.review import log_review, save_figure
+from reddino.eval.knn_report import format_table, grouped_knn_scores, knn_description
+from reddino.runtime.config_checks import (
+    check_config,
+    check_crop_sizes,
+    check_schedule_length,
+    pretrain_rules,
+)
+from reddino.runtime.dashboard import log_review, save_figure
+from reddino.runtime.ddp_children import pin_children_to_this_job
+from reddino.runtime.fast_path import FastPath, apply_global_switches, compile_blocks_, set_fused_attention_
+from reddino.runtime.paths import CONFIG_PATH
+from reddino.runtime.user_errors import one_line_errors
 from reddino.ssl.export import export_timm
 from reddino.ssl.module import DinoV2Module
 from reddino.weights import init_backbone_, load_backbone
 
 log = logging.getLogger("reddino.pretrain")
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def build_collator(cfg: DictConfig) -> SSLCollator:
@@ -183,7 +188,7 @@ def knn_evaluation(
     for name, net in backbones.items():
         features[name], labels = extract_cls_features(net, dataset, r.batch_size, 0, device)
         results[name] = grouped_knn_scores(
-            features[name], labels, groups, r.ks, len(classes), r.n_splits, cfg.seed
+            features[name], labels, groups, r.knn, len(classes), r.n_splits, cfg.seed
         )
     report = {
         "protocol": {
@@ -193,7 +198,7 @@ def knn_evaluation(
             "groups": len(set(groups)),
             "classes": classes,
             "folds": f"{r.n_splits}-fold stratified, grouped by {r.group_by}",
-            "knn": "euclidean distance, uniform votes, raw final-norm CLS features",
+            "knn": knn_description(r.knn),
         },
         "results": results,
     }
@@ -268,6 +273,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "world_size": trainer.world_size,
         "teacher_rank_difference": module.teacher_rank_difference,
         "collapse_guard": collapse_diagnoses(trainer.callbacks),
+        "knn_curve": knn_curve(trainer.callbacks),
     }
     teacher = final_teacher(trainer, module, initial)  # collective under FSDP: every rank calls it
     if trainer.is_global_zero:
@@ -340,7 +346,7 @@ def _flatten_scores(frame: pd.DataFrame) -> dict[str, float]:
     return {f"knn/{r.model}/{r.knn}/{r.metric}": r.mean for r in frame.itertuples(index=False)}
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pretrain")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="pretrain")
 @one_line_errors("reddino-pretrain")
 def main(cfg: DictConfig) -> None:
     pin_children_to_this_job()

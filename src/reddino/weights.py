@@ -134,12 +134,13 @@ def load_lightning_checkpoint(path: str | Path) -> LoadedBackbone:
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-RELEASE_IMG_SIZE = 224  # RedDino and DinoBloom are used at 224 px (REFERENCE.md 6.1, 6.2)
+RELEASE_IMG_SIZE = 224  # RedDino and DinoBloom are used at 224 px (docs/reference_weights.md §1, §5)
 PATCH_SIZE = 14
 HUB_PREFIX = "hf_hub:"
 DINOBLOOM_BACKBONE_PREFIX = "backbone."
 HUB_REQUIRED_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight")
-OPTIONAL_KEYS = ("mask_token",)  # DINOv2/teacher checkpoints have it, timm models do not (REFERENCE.md 6.1)
+# DINOv2/teacher checkpoints have it, timm models do not (docs/reference_weights.md §2)
+OPTIONAL_KEYS = ("mask_token",)
 # embed_dim -> (timm architecture, depth, num_heads) of the standard DINOv2 sizes
 STANDARD_SIZES: dict[int, tuple[str, int, int]] = {
     384: ("vit_small_patch14_dinov2", 12, 6),
@@ -193,7 +194,8 @@ def _safetensors_metadata(path: Path) -> dict[str, str] | None:
 
 
 def _is_hub_layout(keys: set[str]) -> bool:
-    """DINOv2 hub / timm key names (REFERENCE.md 6.1): stem tensors, ``blocks.<i>.*``, final norm."""
+    """DINOv2 hub / timm key names (docs/reference_weights.md §2): stem tensors, ``blocks.<i>.*``,
+    final norm."""
     return all(k in keys for k in HUB_REQUIRED_KEYS) and any(k.startswith("blocks.0.") for k in keys)
 
 

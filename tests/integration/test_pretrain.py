@@ -18,7 +18,13 @@ from reddino.weights import load_backbone
 
 
 def test_debug_run_writes_checkpoints_logs_export_and_report(make_cfg, tmp_path):
-    cfg = make_cfg("debug=fast", "logger=default")
+    cfg = make_cfg(
+        "debug=fast",
+        "logger=default",
+        "callbacks.knn_probe.enabled=true",
+        "callbacks.knn_probe.every_n_steps=2",
+        "callbacks.knn_probe.max_units=60",
+    )
     summary = run(cfg)
     out = tmp_path / "run"
     assert summary["steps"] == cfg.ssl.optim.total_steps
@@ -34,6 +40,10 @@ def test_debug_run_writes_checkpoints_logs_export_and_report(make_cfg, tmp_path)
     assert protocol["subjects"] == gen.subjects_per_source
     assert protocol["groups"] == gen.subjects_per_source * gen.smears_per_subject  # grouped by smear
     assert "random_init" in (out / "results.md").read_text()
+    # the k-NN probe's learning curve: before the first step, every 2 steps, at the end
+    curve = results["knn_curve"]
+    assert [p["step"] for p in curve] == [0, 2, 4] == list(range(0, cfg.ssl.optim.total_steps + 1, 2))
+    assert all(0.0 <= p[f"knn{k}_weighted_f1"] <= 100.0 for p in curve for k in (1, 3))
 
     assert (out / "checkpoints" / "last.ckpt").is_file()
     metrics = pd.read_csv(out / "csv" / "metrics.csv")
@@ -47,6 +57,7 @@ def test_debug_run_writes_checkpoints_logs_export_and_report(make_cfg, tmp_path)
         "schedule/weight_decay",
         "monitor/teacher_entropy",
         "monitor/cls_std",
+        "probe/knn3_weighted_f1",
     ):
         assert column in metrics.columns, column
     # W&B review, read back from the offline run; every image and table is also a file in the run dir

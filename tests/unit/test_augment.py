@@ -6,7 +6,6 @@ import inspect
 import math
 import pickle
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import albumentations as A
@@ -14,8 +13,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from reddino.data.augment import (
     REDDINO_PIXEL_TRANSFORMS,
@@ -29,8 +29,8 @@ from reddino.data.augment import (
     reddino_pixel_transforms,
     seed_independently,
 )
+from reddino.runtime.paths import config_dir
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "augment"
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 GLOBAL, LOCAL = 32, 16
@@ -442,17 +442,22 @@ def test_dinov2_needs_one_blur_and_solarize_probability_per_global_view() -> Non
 
 
 def compose_config(name: str, n_local: int = 2) -> Any:
-    crops = {
-        "global_size": GLOBAL,
-        "local_size": LOCAL,
-        "global_scale": [0.32, 1.0],
-        "local_scale": [0.05, 0.32],
-        "n_global": 2,
-        "n_local": n_local,
-    }
-    root = OmegaConf.create({"ssl": {"crops": crops}, "seed": 5})
-    root.augment = OmegaConf.load(CONF_DIR / f"{name}.yaml")
-    return root.augment
+    """``augment=<name>`` as Hydra composes it (defaults included), with this file's crop sizes."""
+    overrides = [
+        f"augment={name}",
+        f"ssl.crops.global_size={GLOBAL}",
+        f"ssl.crops.local_size={LOCAL}",
+        "ssl.crops.global_scale=[0.32,1.0]",
+        "ssl.crops.local_scale=[0.05,0.32]",
+        "ssl.crops.n_global=2",
+        f"ssl.crops.n_local={n_local}",
+        "seed=5",
+    ]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("pretrain", overrides=overrides)
+    GlobalHydra.instance().clear()
+    return cfg.augment
 
 
 @pytest.mark.parametrize(("name", "cls"), [("reddino", RedDinoAugmentation), ("dinov2", DinoV2Augmentation)])

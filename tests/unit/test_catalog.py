@@ -14,10 +14,6 @@ from reddino.data.sources.catalog import (
     PARSER_NAMES,
     CatalogError,
     SourceSpec,
-    catalog_markdown,
-    catalog_table,
-    data_root_from_env,
-    load_catalog,
     load_source,
     resolve_root,
 )
@@ -28,7 +24,8 @@ LOCAL = {"chula_rbc12", "txl_pbc", "bccd"}  # present under /work/shared/dataset
 
 @pytest.fixture(scope="module")
 def catalog() -> dict[str, SourceSpec]:
-    return load_catalog(SOURCE_DIR.parents[1])
+    specs = [load_source(path) for path in sorted(SOURCE_DIR.glob("*.yaml"))]
+    return {spec.name: spec for spec in specs}
 
 
 def _raw(name: str) -> dict:
@@ -46,10 +43,6 @@ def test_eighteen_sources_load_with_names_equal_to_file_stems(catalog):
     assert sorted(catalog) == sorted(p.stem for p in SOURCE_DIR.glob("*.yaml"))
     assert all(spec.name == name for name, spec in catalog.items())
     assert len({s.root for s in catalog.values()}) == 18
-
-
-def test_conf_root_or_source_folder_both_work(catalog):
-    assert load_catalog(SOURCE_DIR).keys() == catalog.keys()
 
 
 def test_every_parser_is_known_and_its_options_bind(catalog):
@@ -104,33 +97,12 @@ def test_downloads_are_unique_and_checksums_well_formed(catalog):
             assert entry.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", entry.sha256)
 
 
-def test_catalog_table_and_markdown(catalog):
-    table = catalog_table(catalog)
-    assert len(table) == 18
-    assert list(table.columns) == [
-        "name",
-        "title",
-        "licence",
-        "modality",
-        "stain",
-        "magnification",
-        "role",
-        "parser",
-        "verified_layout",
-    ]
-    assert table.set_index("name").loc["chula_rbc12", "role"] == "eval, pretrain"
-    markdown = catalog_markdown(catalog.values())
-    lines = markdown.strip().splitlines()
-    assert len(lines) == 20 and lines[0].startswith("| name | title |") and lines[1].startswith("|---")
-    assert all(line.count(" | ") == 8 for line in lines[2:])  # 9 cells: no stray pipes from the content
-
-
 def test_missing_key_error_names_file_and_key(tmp_path):
     data = _raw("chula_rbc12")
     del data["licence"]
     _write(tmp_path, data)
     with pytest.raises(CatalogError, match=r"chula_rbc12\.yaml: missing key 'licence'"):
-        load_catalog(tmp_path)
+        load_source(tmp_path / "chula_rbc12.yaml")
 
 
 @pytest.mark.parametrize(
@@ -178,14 +150,6 @@ def test_unparsable_yaml_names_the_file(tmp_path):
     path.write_text("name: [unclosed\n")
     with pytest.raises(CatalogError, match=r"broken\.yaml: cannot parse YAML"):
         load_source(path)
-
-
-def test_data_root_from_env(monkeypatch, tmp_path):
-    monkeypatch.delenv("REDDINO_DATA_ROOT", raising=False)
-    with pytest.raises(RuntimeError, match=r"REDDINO_DATA_ROOT is not set.*export REDDINO_DATA_ROOT="):
-        data_root_from_env()
-    monkeypatch.setenv("REDDINO_DATA_ROOT", str(tmp_path))
-    assert data_root_from_env() == tmp_path
 
 
 def test_resolve_root(catalog, tmp_path):

@@ -13,7 +13,7 @@ from reddino.ssl.centering import (
 
 
 def _np_sinkhorn(logits: np.ndarray, temp: float, n_iter: int, b_total: float | None = None) -> np.ndarray:
-    """REFERENCE 2.4 step by step, float64, single process, no max-subtraction."""
+    """docs/reference_recipe.md §9.4 step by step, float64, single process, no max-subtraction."""
     q = np.exp(logits.astype(np.float64) / temp).T
     k = q.shape[0]
     b = q.shape[1] if b_total is None else b_total

@@ -10,9 +10,9 @@ import pytest
 import torch
 from gloo import run_on_ranks
 
+from reddino.runtime.distributed import all_reduce_sum_, is_dist, world_size
 from reddino.ssl.centering import MovingAverageCentering, SinkhornKnoppCentering, sinkhorn_knopp
 from reddino.ssl.chunked_head import chunked_targets
-from reddino.ssl.distributed import all_reduce_sum_, is_dist, world_size
 
 pytestmark = pytest.mark.distributed
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from reddino.config_checks import (
+from reddino.runtime.config_checks import (
     ConfigError,
     check_config,
     check_crop_sizes,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from reddino.fast_path import FastPath, compile_blocks_, set_fused_attention_
 from reddino.pretrain import build_module
+from reddino.runtime.fast_path import FastPath, compile_blocks_, set_fused_attention_
 from reddino.ssl.backbone import build_backbone, forward_tokens
 
 SWITCHES = {

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from reddino.data.io import read_rgb, upright_size
-from reddino.data.sources.parsers import read_size
+from reddino.data.sources.parsers import read_header
 
 
 def reference(width: int = 48, height: int = 32) -> Image.Image:
@@ -85,4 +85,4 @@ def test_exif_orientation_is_applied_and_sizes_agree(tmp_path):
     assert mean_error(out, np.asarray(ref.transpose(Image.Transpose.ROTATE_270))) < 4
     with Image.open(path) as im:
         assert upright_size(im) == (32, 48)
-    assert read_size(path) == (32, 48)
+    assert read_header(path)[:2] == (32, 48)

@@ -1,4 +1,4 @@
-"""iBOT block masking and SSL collation (REFERENCE 2.7)."""
+"""iBOT block masking and SSL collation (docs/reference_recipe.md §9.7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Per-parameter lr / wd multipliers (REFERENCE 1.6) on a tiny timm DINOv2 ViT with a DINO-style head."""
+"""Per-parameter lr / wd multipliers (docs/reference_recipe.md §6) on a tiny timm DINOv2 ViT with a
+DINO-style head."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from reddino.data.sources.parsers import PARSERS, parse_source, read_size
+from reddino.data.sources.parsers import PARSERS, parse_source, read_header
 from reddino.data.sources.records import IMAGE_COLUMNS, OBJECT_COLUMNS, ParsedSource
 
 
@@ -42,16 +42,16 @@ def check_columns(parsed: ParsedSource) -> None:
 # ------------------------------------------------------------------------------------------ headers
 
 
-def test_read_size_reads_headers_and_describes_failures(tmp_path):
+def test_read_header_reads_sizes_and_describes_failures(tmp_path):
     good = write_image(tmp_path / "good.png", (7, 5))
-    assert read_size(good) == (7, 5)
+    assert read_header(good) == (7, 5, 1)
     (tmp_path / "zero.jpg").write_bytes(b"")
-    assert read_size(tmp_path / "zero.jpg") == "empty file"
+    assert read_header(tmp_path / "zero.jpg") == "empty file"
     (tmp_path / "junk.png").write_bytes(b"\x00garbage bytes, not an image" * 4)
-    assert "UnidentifiedImageError" in read_size(tmp_path / "junk.png")
+    assert "UnidentifiedImageError" in read_header(tmp_path / "junk.png")
     (tmp_path / "cut.png").write_bytes(good.read_bytes()[:12])  # signature only, header cut off
-    assert isinstance(read_size(tmp_path / "cut.png"), str)
-    assert isinstance(read_size(tmp_path / "missing.png"), str)
+    assert isinstance(read_header(tmp_path / "cut.png"), str)
+    assert isinstance(read_header(tmp_path / "missing.png"), str)
 
 
 # ------------------------------------------------------------------------------------------ flat

@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from torch.utils.data import DataLoader
 
-from reddino.data.datamodules import LabelledDataModule, source_weights
-from reddino.data.datasets import eval_transform
+from reddino.data.datamodules import source_weights
+from reddino.data.datasets import LabelledUnitDataset, eval_transform
 from reddino.data.dedup import find_duplicates, perceptual_hash
 from reddino.data.manifest import read_manifest
 from reddino.data.patches import foreground_fraction, tile_boxes
@@ -251,7 +252,7 @@ def test_source_weights_balance_sources():
         source_weights(sources, "uniform")
 
 
-def test_labelled_datamodule_serves_in_order(tmp_path):
+def test_labelled_units_are_served_in_order(tmp_path):
     f = write(tmp_path / "a.png", smear(64, 64, [(20, 20, 8)]))
     units = pd.DataFrame(
         {
@@ -266,9 +267,8 @@ def test_labelled_datamodule_serves_in_order(tmp_path):
             "label": ["b", "a", "b"],
         }
     )
-    dm = LabelledDataModule(units, eval_transform(8, [0.5] * 3, [0.25] * 3), ["a", "b"], 2, 0, 4)
-    dm.setup("predict")
-    batches = list(dm.predict_dataloader())
+    dataset = LabelledUnitDataset(units, eval_transform(8, [0.5] * 3, [0.25] * 3), ["a", "b"], 4)
+    batches = list(DataLoader(dataset, batch_size=2, shuffle=False))
     assert [b[0].shape for b in batches] == [(2, 3, 8, 8), (1, 3, 8, 8)]
     assert np.concatenate([b[1].numpy() for b in batches]).tolist() == [1, 0, 1]
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from reddino.pretrain import CONFIG_DIR as CONF
 from reddino.pretrain import checkpoint_to_resume, logger_run_id, run_id_of
+from reddino.runtime.paths import config_dir
+
+CONF = str(config_dir())
 
 
 def test_run_id_is_created_once_and_reused(tmp_path):
@@ -42,7 +44,7 @@ def test_runs_of_one_multirun_share_a_wandb_group():
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    from reddino.review import run_group
+    from reddino.runtime.dashboard import run_group
 
     sweep = "hydra.sweep.dir=multirun/pretrain/2026-01-02_03-04-05"
     groups = []

@@ -31,11 +31,10 @@ from reddino.data.segment import (
     match_centres,
     resolve_cellpose_weights,
 )
+from reddino.runtime.paths import config_dir
 
 # The values tuned on Chula (benchmarks/segment_chula.md), exactly as the preparation config carries them.
-CLASSICAL = OmegaConf.to_container(
-    OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "prepare.yaml").segmentation.classical
-)
+CLASSICAL = OmegaConf.to_container(OmegaConf.load(config_dir() / "prepare.yaml").segmentation.classical)
 CELLPOSE = {
     "weights": None,
     "diameter": 40.0,

@@ -15,7 +15,8 @@ import hydra
 from omegaconf import DictConfig
 
 from reddino.ablations import ERROR_FILE
-from reddino.pretrain import CONFIG_DIR, run
+from reddino.pretrain import run
+from reddino.runtime.paths import CONFIG_PATH
 
 
 def run_recording_errors(cfg: DictConfig) -> None:
@@ -29,7 +30,7 @@ def run_recording_errors(cfg: DictConfig) -> None:
         raise
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pretrain")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="pretrain")
 def main(cfg: DictConfig) -> None:
     run_recording_errors(cfg)
 

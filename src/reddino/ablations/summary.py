@@ -22,7 +22,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from reddino.ablations import ERROR_FILE
-from reddino.tables import markdown_table
+from reddino.runtime.markdown import markdown_table
 from reddino.viz.plots import MODEL_LABELS, ablation_bars, probe_label
 
 SUMMARY_CSV = "summary.csv"

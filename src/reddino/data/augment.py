@@ -2,13 +2,13 @@
 
 Both pipelines run on albumentations 2.x but reproduce the behaviour of the originals:
 
-* RedDino (REFERENCE 3.1-3.3) was written against albumentations 1.3.1. Under 2.x its ``A.SomeOf(n=4)``
-  silently changed meaning (no replacement, uniform pick sorted into list order, each pick then
-  applied with its own p) and several pixel transforms changed defaults or argument names
-  (MEASURED.md). :class:`SomeOfWithReplacement` and :func:`reddino_pixel_transforms` restore the
-  1.3.1 behaviour.
-* DINOv2 (REFERENCE 3.5) was written with torchvision; :class:`DinoV2Augmentation` maps every step to
-  an albumentations equivalent so both recipes share one RNG and seeding story.
+* RedDino (docs/reference_augmentation.md §1-§3) was written against albumentations 1.3.1. Under 2.x
+  its ``A.SomeOf(n=4)`` silently changed meaning (no replacement, uniform pick sorted into list order,
+  each pick then applied with its own p) and several pixel transforms changed defaults or argument
+  names (docs/measured_costs.md §5). :class:`SomeOfWithReplacement` and
+  :func:`reddino_pixel_transforms` restore the 1.3.1 behaviour.
+* DINOv2 (docs/reference_augmentation.md §5) was written with torchvision; :class:`DinoV2Augmentation`
+  maps every step to an albumentations equivalent so both recipes share one RNG and seeding story.
 
 Seeding. A 2.x ``A.Compose(seed=s)`` hands the SAME seed to every child, so sibling transforms draw
 identical random streams (HorizontalFlip and VerticalFlip with equal p then fire together on every
@@ -162,8 +162,8 @@ class RandomFog131(A.RandomFog):
     """``RandomFog`` with the albumentations 1.3.1 algorithm (same parameters, far cheaper than 2.x).
 
     2.x kept the parameters but redraws fog as hundreds of full-image circle blends, a count that
-    does not shrink with the image (MEASURED.md: 69 ms at 224 px versus 1.6 ms in 1.3.1, the largest
-    single share of the colour-op cost). This restores
+    does not shrink with the image (docs/measured_costs.md §4: 69 ms at 224 px versus 1.6 ms in 1.3.1,
+    the largest single share of the colour-op cost). This restores
     1.3.1: rings of haze points spreading out from the centre, each a white disc of diameter
     ``hw = (width // 3) * fog_coef`` blended with ``alpha_coef * fog_coef``, then a box blur.
     One guard: the ring step is at least one pixel (1.3.1 loops forever when it rounds to zero,
@@ -212,8 +212,9 @@ class QuarterTurn(A.RandomRotate90):
         return {"factor": 1}
 
 
-# The 33 colour/pixel transforms of RedDino's colour pool (REFERENCE 3.2), in the reference order,
-# each with the albumentations 1.3.1 default parameters restored under 2.x (comments: 1.3.1 -> 2.x).
+# The 33 colour/pixel transforms of RedDino's colour pool (docs/reference_augmentation.md §2), in the
+# reference order, each with the albumentations 1.3.1 default parameters restored under 2.x
+# (comments: 1.3.1 -> 2.x).
 _PIXEL_FACTORIES: dict[str, Callable[[float], A.BasicTransform]] = {
     "Blur": lambda p: A.Blur(blur_limit=(3, 7), p=p),
     "CLAHE": lambda p: A.CLAHE(clip_limit=4.0, tile_grid_size=(8, 8), p=p),
@@ -393,7 +394,8 @@ class _MultiCrop:
 
 
 class RedDinoAugmentation(_MultiCrop):
-    """RedDino's multi-crop albumentations pipeline (REFERENCE 3.1-3.3) with 1.3.1 semantics.
+    """RedDino's multi-crop albumentations pipeline (docs/reference_augmentation.md §1-§3) with 1.3.1
+    semantics.
 
     Flow: resize the whole unit to ``global_size`` (bilinear); per global view RandomResizedCrop
     (``global_scale``, ratio 3/4-4/3, bilinear) -> ``n_pixel_ops`` colour/pixel ops drawn with
@@ -404,12 +406,12 @@ class RedDinoAugmentation(_MultiCrop):
     empty ``pixel_transforms`` (or ``n_pixel_ops = 0``) means no colour/pixel ops.
 
     Deviation from the reference: we feed RGB. The reference read images with ``cv2.imread`` and never
-    converted them, so it applied the ImageNet RGB mean/std (and the channel-aware colour ops) to BGR
-    arrays while evaluating on RGB (REFERENCE 3.4). Here training and evaluation are both RGB.
-    Residual differences to 1.3.1 that arguments cannot restore (same parameters, changed algorithm
-    in 2.x): MotionBlur kernel shapes, RandomRain drop count, RandomShadow darkening (RGB instead of
-    HLS lightness), RandomSunFlare rendering; GaussNoise draws its std uniformly where 1.3.1 drew the
-    variance. RandomFog and GaussianBlur do follow 1.3.1 (:class:`RandomFog131`, :class:`GaussianBlur131`).
+    converted them, so it applied the ImageNet RGB mean/std (and the channel-aware colour ops) to BGR arrays
+    while evaluating on RGB (docs/reference_augmentation.md §4). Here training and evaluation are both RGB.
+    Residual differences to 1.3.1 that arguments cannot restore (same parameters, changed algorithm in 2.x):
+    MotionBlur kernel shapes, RandomRain drop count, RandomShadow darkening (RGB instead of HLS lightness),
+    RandomSunFlare rendering; GaussNoise draws its std uniformly where 1.3.1 drew the variance. RandomFog and
+    GaussianBlur do follow 1.3.1 (:class:`RandomFog131`, :class:`GaussianBlur131`).
 
     ``pixel_ops_device``: "cpu" runs everything above here. "gpu" moves the colour/pixel ops and the
     normalisation to the training device: the views are only cropped, flipped and rotated and come out
@@ -506,8 +508,8 @@ def _reddino_finish(
 
 
 class DinoV2Augmentation(_MultiCrop):
-    """DINOv2's torchvision multi-crop recipe (REFERENCE 3.5, RedDino's "default" option, as used by
-    DinoBloom) rebuilt with albumentations equivalents.
+    """DINOv2's torchvision multi-crop recipe (docs/reference_augmentation.md §5, RedDino's "default"
+    option, as used by DinoBloom) rebuilt with albumentations equivalents.
 
     Per view: RandomResizedCrop straight from the input (no prior resize; ratio 3/4-4/3, bicubic)
     -> HorizontalFlip(``hflip_p``) -> VerticalFlip(``vflip_p``) -> rotation by exactly 90 degrees with
@@ -525,8 +527,9 @@ class DinoV2Augmentation(_MultiCrop):
         random op order, albumentations' torchvision-compatible colour functions.
       RandomGrayscale(p) -> A.ToGray(3 channels, "weighted_average" = ITU-R 601 luma, p).
       dinov2 GaussianBlur(p) (kernel 9, sigma 0.1-2) -> A.GaussianBlur(blur_limit 9, sigma_limit, p).
-        Upstream wraps it in RandomApply with 1 - p (REFERENCE 2.8), so it really blurs global view 1
-        never, global view 2 with 0.9 and locals with 0.5. We implement the INTENDED probabilities.
+        Upstream wraps it in RandomApply with 1 - p (docs/reference_augmentation.md §5), so it really
+        blurs global view 1 never, global view 2 with 0.9 and locals with 0.5. We implement the
+        INTENDED probabilities.
       RandomSolarize(128, p) -> A.Solarize(threshold_range (0.5, 0.5), p): inverts pixels >= 128.
       ToTensor + Normalize -> A.Normalize(mean, std, max_pixel_value 255) + ToTensorV2.
     """

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
-from reddino.data.datasets import LabelledUnitDataset, UnitDataset
+from reddino.data.datasets import UnitDataset
 from reddino.data.samplers import EpochSampler
 
 SOURCE_WEIGHTINGS = ("natural", "balanced")
@@ -125,41 +125,3 @@ class PretrainDataModule(pl.LightningDataModule):
             if crops is not None:
                 batch[key] = self.gpu_transform(crops)
         return batch
-
-
-class LabelledDataModule(pl.LightningDataModule):
-    """Labelled units (cells) for evaluation: deterministic order, no augmentation.
-
-    ``predict_dataloader`` feeds feature extraction; the evaluation protocols split the extracted
-    features (folds, leave-one-source-out) using ``units``' source/subject/file columns.
-    """
-
-    def __init__(
-        self,
-        units: pd.DataFrame,
-        transform: Callable[[np.ndarray], torch.Tensor],
-        classes: list[str],
-        batch_size: int,
-        num_workers: int,
-        image_cache_size: int,
-    ) -> None:
-        super().__init__()
-        self.units = units.reset_index(drop=True)
-        self.transform = transform
-        self.classes = list(classes)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.image_cache_size = image_cache_size
-        self.dataset: LabelledUnitDataset | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is None:
-            self.dataset = LabelledUnitDataset(
-                self.units, self.transform, self.classes, self.image_cache_size
-            )
-
-    def predict_dataloader(self) -> DataLoader:
-        assert self.dataset is not None, "call setup() first"
-        return DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
-        )

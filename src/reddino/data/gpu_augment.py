@@ -1,8 +1,8 @@
 """RedDino's pixel/colour op pool as batched torch code that runs on the training device.
 
-Why: the albumentations pool costs ~12 ms per 224 px view on one CPU core (MEASURED.md), so a 16-core
-loader feeds a GPU far slower than it trains. With ``augment=reddino_gpu`` the loader only crops, flips
-and rotates (:class:`reddino.data.augment.RedDinoAugmentation` with ``pixel_ops_device: gpu``) and
+Why: the albumentations pool costs ~12 ms per 224 px view on one CPU core (docs/measured_costs.md §3), so a
+16-core loader feeds a GPU far slower than it trains. With ``augment=reddino_gpu`` the loader only crops,
+flips and rotates (:class:`reddino.data.augment.RedDinoAugmentation` with ``pixel_ops_device: gpu``) and
 :class:`RedDinoGpuPixelOps` applies the pool to whole batches after the host-to-device copy.
 
 Semantics follow albumentations 1.3.1 ``SomeOf(pool, n=4, replace=True)`` as the reference used it: per

@@ -34,15 +34,15 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-import reddino.config  # noqa: F401  (resolvers)
-from reddino.cli import one_line_errors
-from reddino.config_checks import check_config, pack_rules
+import reddino.runtime.resolvers  # noqa: F401  (resolvers)
 from reddino.data.io import BadImageError, read_rgb
 from reddino.data.manifest import resolve_files
 from reddino.data.prepare import write_parquet_atomic, write_text_atomic
-from reddino.tables import markdown_table
+from reddino.runtime.config_checks import check_config, pack_rules
+from reddino.runtime.markdown import markdown_table
+from reddino.runtime.paths import CONFIG_PATH
+from reddino.runtime.user_errors import one_line_errors
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 REPORT_NAME = "pack_report.json"
 OWN_FILES = (REPORT_NAME, "pack_report.md", "pack_skipped.csv")
 
@@ -310,7 +310,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pack")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="pack")
 @one_line_errors("reddino-pack")
 def main(cfg: DictConfig) -> None:
     run(cfg)

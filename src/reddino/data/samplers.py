@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from reddino.ssl.distributed import rank, world_size
+from reddino.runtime.distributed import rank, world_size
 
 
 class EpochSampler(Sampler[int]):

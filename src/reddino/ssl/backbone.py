@@ -2,7 +2,7 @@
 
 The backbone IS a plain timm ``VisionTransformer`` (``*_patch14_dinov2`` architectures or a tiny
 variant of them) with one extra parameter, ``mask_token`` (1, D), as in DINOv2. Its state dict is
-therefore exactly the DINOv2 hub / RedDino teacher key layout (REFERENCE.md 6.1), and dropping
+therefore exactly the DINOv2 hub / RedDino teacher key layout (docs/reference_weights.md §2), and dropping
 ``mask_token`` gives the timm / Hugging Face layout.
 """
 
@@ -34,8 +34,8 @@ def build_backbone(
     """Create a randomly initialised timm ViT (no classifier) and attach a zero-initialised mask token.
 
     ``overrides`` passes architecture kwargs to timm (e.g. ``embed_dim``/``depth``/``num_heads`` for the
-    tiny CPU model). Pretrained weights are never fetched here: loading is explicit (see ``load_backbone``
-    in a later module) so nothing downloads at run time.
+    tiny CPU model). Pretrained weights are never fetched here: loading is explicit
+    (``reddino.weights.load_backbone``), so nothing downloads at run time.
     """
     model = timm.create_model(
         arch,
@@ -144,11 +144,6 @@ def forward_tokens(model: VisionTransformer, images: Tensor, masks: Tensor | Non
     x = model.blocks(x)
     x = model.norm(x)
     return TokenOutput(cls=x[:, 0], patches=x[:, model.num_prefix_tokens :])
-
-
-def embed_dim(model: VisionTransformer) -> int:
-    """Feature dimension of the CLS token."""
-    return int(model.embed_dim)
 
 
 def timm_state_dict(model: VisionTransformer) -> dict[str, Tensor]:

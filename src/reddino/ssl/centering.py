@@ -1,8 +1,9 @@
 """Teacher target construction: Sinkhorn-Knopp (RedDino's choice) and moving-average centering.
 
 Both expose ``targets(teacher_logits, teacher_temp, n_samples_total=None) -> probs`` so the training
-module does not care which one the config picked (REFERENCE 2.3, 2.4). Every collective goes through
-:mod:`reddino.ssl.distributed`, so results with W processes equal one process on the full batch.
+module does not care which one the config picked (docs/reference_recipe.md §9.3, §9.4). Every
+collective goes through :mod:`reddino.runtime.distributed`, so results with W processes equal one
+process on the full batch.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reddino.ssl.distributed import all_reduce_max_, all_reduce_sum_, all_reduce_sum_async_, world_size
+from reddino.runtime.distributed import all_reduce_max_, all_reduce_sum_, all_reduce_sum_async_, world_size
 
 CENTERING_METHODS = ("sinkhorn_knopp", "centering")
 
@@ -40,7 +41,7 @@ def sinkhorn_knopp(
     n_iterations: int,
     n_samples_total: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
-    """Sinkhorn-Knopp teacher targets [N, K] computed in float32, as REFERENCE 2.4.
+    """Sinkhorn-Knopp teacher targets [N, K] computed in float32, as docs/reference_recipe.md §9.4.
 
     ``n_samples_total`` is the number of samples over all ranks: N * world_size for CLS tokens (the
     default); for iBOT the caller passes the all-reduced count of masked patches, since ranks hold
@@ -98,7 +99,7 @@ class SinkhornKnoppCentering(nn.Module):
 
 
 class MovingAverageCentering(nn.Module):
-    """DINO moving-average centering with the reference's one-step lag (REFERENCE 2.3).
+    """DINO moving-average centering with the reference's one-step lag (docs/reference_recipe.md §9.3).
 
     ``update`` starts an (async) all-reduce of this batch's statistics; the centre moves only at the
     next ``softmax_center`` call, so the reduction overlaps with the rest of the training step.

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from reddino.runtime.distributed import all_reduce_max_, all_reduce_sum_
 from reddino.ssl.centering import MovingAverageCentering, SinkhornKnoppCentering, _as_total
-from reddino.ssl.distributed import all_reduce_max_, all_reduce_sum_
 from reddino.ssl.losses import N_GLOBAL_CROPS, N_GLOBAL_LOSS_TERMS, n_local_loss_terms
 
 

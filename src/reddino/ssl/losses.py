@@ -1,4 +1,4 @@
-"""DINO, iBOT and KoLeo loss terms as pure functions (REFERENCE 1.7 and 2.2, 2.5, 2.6).
+"""DINO, iBOT and KoLeo loss terms as pure functions (docs/reference_recipe.md §7, §9.2, §9.5, §9.6).
 
 Teacher targets are treated as constants: callers produce them under ``torch.no_grad`` with
 :mod:`reddino.ssl.centering`. Everything is computed in float32 whatever the autocast dtype, because
@@ -94,7 +94,7 @@ def dino_loss_terms(
     n_local: int,
     student_temp: float,
 ) -> dict[str, torch.Tensor]:
-    """DINO CLS loss terms with the reference normalisation (REFERENCE 1.7).
+    """DINO CLS loss terms with the reference normalisation (docs/reference_recipe.md §7).
 
     Inputs are crop-major (all crop-A rows, then all crop-B rows; locals chunked by crop). The teacher
     targets are given in that natural order and swapped here so crop A's student row is matched to
@@ -130,7 +130,8 @@ def ibot_patch_loss(
 
     ``masks_weight`` is 1 / (masked patches of the patch's image), so every masked image weighs the
     same whatever its mask size; ``n_images`` counts all global-crop images, masked or not
-    (REFERENCE 2.5). With no masked patch (M = 0) the result is a zero still attached to the graph.
+    (docs/reference_recipe.md §9.5). With no masked patch (M = 0) the result is a zero still attached
+    to the graph.
     """
     if n_images <= 0:
         raise ValueError(f"n_images must be positive, got {n_images}")
@@ -151,7 +152,7 @@ def _nearest_neighbour_indices(x: torch.Tensor) -> torch.Tensor:
 
 
 def koleo_loss(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """KoLeo entropy regulariser on one chunk of CLS embeddings [B, D] (REFERENCE 2.6).
+    """KoLeo entropy regulariser on one chunk of CLS embeddings [B, D] (docs/reference_recipe.md §9.6).
 
     ``eps`` is the PairwiseDistance epsilon: RedDino raised it from 1e-8 to 1e-4 because of infinite
     losses. It is added to the difference vector, so exact duplicates give a finite distance.

@@ -2,7 +2,7 @@
 
 All math lives in the sibling modules (losses, centering, schedules, ema, param_groups); this class only
 decides what runs on which tensors in which order, following the reference's loss assembly
-(REFERENCE.md 1.7) and its optimiser / teacher update (1.5-1.6).
+(docs/reference_recipe.md §7) and its optimiser / teacher update (§5-§6).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+from reddino.runtime.distributed import all_reduce_sum_, max_rank_difference
 from reddino.ssl.backbone import forward_tokens, timm_state_dict
 from reddino.ssl.centering import build_centering
 from reddino.ssl.chunked_head import (
@@ -26,7 +27,6 @@ from reddino.ssl.chunked_head import (
     chunked_ibot_loss,
     chunked_targets,
 )
-from reddino.ssl.distributed import all_reduce_sum_, max_rank_difference
 from reddino.ssl.ema import ema_param_pairs, ema_update_
 from reddino.ssl.heads import DINOHead
 from reddino.ssl.losses import dino_loss_terms, ibot_patch_loss, koleo_loss

@@ -12,6 +12,8 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
+from reddino.ssl.heads import is_last_layer_param
+
 _EMBEDDING_KEYS = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens", "reg_token")
 _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 _FUSE_KEYS = ("lr_multiplier", "wd_multiplier", "is_last_layer")
@@ -59,7 +61,7 @@ def build_param_groups(
                 n_blocks=n_blocks,
             ),
             wd_multiplier(name),
-            "last_layer" in name,
+            is_last_layer_param(name),
         )
         group = fused.setdefault(key, {"params": [], "names": [], **dict(zip(_FUSE_KEYS, key, strict=True))})
         group["params"].append(param)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from reddino.ssl.distributed import all_reduce_sum_
+from reddino.runtime.distributed import all_reduce_sum_
 from reddino.ssl.ema import ema_param_pairs, ema_update_
 from reddino.ssl.heads import DINOHead
 

@@ -15,7 +15,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+from reddino.runtime.paths import project_root
+
+REPO_ROOT = project_root()
 
 
 def from_repo(path: str | Path) -> Path:

@@ -12,19 +12,13 @@ in ``<data root>/<root>``.
 from __future__ import annotations
 
 import math
-import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import pandas as pd
 from omegaconf import OmegaConf
-
-DATA_ROOT_ENV = "REDDINO_DATA_ROOT"
-# conf/ of a source checkout (src/reddino/data/sources/catalog.py -> repository root).
-DEFAULT_CONF_DIR = Path(__file__).resolve().parents[4] / "conf"
 
 PARSER_NAMES = frozenset({"folder_per_class", "centre_points", "yolo", "voc", "csv_table", "flat"})
 SUBJECT_KINDS = frozenset({"image", "parent", "regex", "column", "constant"})
@@ -284,12 +278,6 @@ def _source(spec: dict[str, Any], origin: str) -> dict[str, Any]:
 # loading, locating, tabulating
 
 
-def source_dir(conf_dir: Path) -> Path:
-    """The folder of source YAMLs: ``conf_dir/data/source`` when conf_dir is the config root."""
-    nested = Path(conf_dir) / "data" / "source"
-    return nested if nested.is_dir() else Path(conf_dir)
-
-
 def load_source(path: Path) -> SourceSpec:
     """One YAML -> SourceSpec; its ``name`` must equal the file stem (the Hydra option name)."""
     try:
@@ -302,88 +290,6 @@ def load_source(path: Path) -> SourceSpec:
     return spec
 
 
-def load_catalog(conf_dir: Path = DEFAULT_CONF_DIR) -> dict[str, SourceSpec]:
-    """Every source YAML under ``conf_dir`` (the config root or the source folder itself), by name."""
-    folder = source_dir(conf_dir)
-    paths = sorted(folder.glob("*.yaml"))
-    if not paths:
-        raise CatalogError(f"{folder}: no source YAML files found")
-    specs = [load_source(p) for p in paths]
-    roots: dict[str, str] = {}
-    for spec in specs:
-        if spec.root in roots:
-            raise CatalogError(
-                f"{folder}: sources {roots[spec.root]!r} and {spec.name!r} share root {spec.root!r}"
-            )
-        roots[spec.root] = spec.name
-    return {s.name: s for s in specs}
-
-
-def data_root_from_env() -> Path:
-    """The data root from ``REDDINO_DATA_ROOT``; unset is an error that says how to set it."""
-    value = os.environ.get(DATA_ROOT_ENV, "").strip()
-    if not value:
-        raise RuntimeError(
-            f"{DATA_ROOT_ENV} is not set. Point it at the folder that holds (or will hold) the datasets, "
-            f"one sub-folder per source, e.g. `export {DATA_ROOT_ENV}=/data/rbc` "
-            "(see conf/data/source/*.yaml, key 'root', for the folder names)."
-        )
-    return Path(value).expanduser()
-
-
 def resolve_root(spec: SourceSpec, data_root: Path) -> Path:
     """Where a source lives: ``<data_root>/<spec.root>`` (the root is validated to stay inside)."""
     return Path(data_root) / spec.root
-
-
-def _as_specs(specs: Mapping[str, SourceSpec] | Iterable[SourceSpec]) -> list[SourceSpec]:
-    items = specs.values() if isinstance(specs, Mapping) else specs
-    return sorted(items, key=lambda s: s.name)
-
-
-TABLE_COLUMNS = (
-    "name",
-    "title",
-    "licence",
-    "modality",
-    "stain",
-    "magnification",
-    "role",
-    "parser",
-    "verified_layout",
-)
-
-
-def catalog_table(specs: Mapping[str, SourceSpec] | Iterable[SourceSpec]) -> pd.DataFrame:
-    """One row per source (sorted by name) for the README and reports."""
-    rows = [
-        {
-            "name": s.name,
-            "title": s.title,
-            "licence": s.licence,
-            "modality": s.modality,
-            "stain": s.stain,
-            "magnification": s.magnification or "",
-            "role": ", ".join(s.role),
-            "parser": s.parser,
-            "verified_layout": s.verified_layout,
-        }
-        for s in _as_specs(specs)
-    ]
-    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
-
-
-def catalog_markdown(specs: Mapping[str, SourceSpec] | Iterable[SourceSpec]) -> str:
-    """The catalog table as GitHub Markdown (no extra dependency such as tabulate)."""
-    table = catalog_table(specs)
-
-    def cell(value: Any) -> str:
-        text = ("yes" if value else "no") if isinstance(value, bool) else str(value)
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = [
-        "| " + " | ".join(table.columns) + " |",
-        "|" + "|".join("---" for _ in table.columns) + "|",
-    ]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines) + "\n"

@@ -111,12 +111,6 @@ def read_header(path: Path) -> tuple[int, int, int] | str:
     return int(width), int(height), pages
 
 
-def read_size(path: Path) -> tuple[int, int] | str:
-    """(width, height) from the image header, or a short description of why it cannot be read."""
-    header = read_header(path)
-    return header if isinstance(header, str) else header[:2]
-
-
 def _images_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=list(IMAGE_COLUMNS))
     frame = frame.astype({"width": "int64", "height": "int64", "file": "object", "split": "object"})

@@ -18,7 +18,9 @@ def _synthetic_classes() -> list[str]:
 
 
 def _run_group(task_name: str) -> str:
-    from reddino.review import run_group  # imports Lightning: only when a logger config is resolved
+    from reddino.runtime.dashboard import (
+        run_group,  # imports Lightning: only when a logger config is resolved
+    )
 
     return run_group(task_name)
 
@@ -31,7 +33,7 @@ def register_resolvers() -> None:
     """``${int_mul:a,b}``: int(a*b), e.g. total steps = epochs x epoch length (reference rounding);
     ``${synthetic_classes:}``: the label map of the embedded synthetic data;
     ``${coalesce:a,b}``: the first non-null value (``oc.select`` returns a null value, not its default);
-    ``${run_group:task}``: the W&B group, one per Hydra multirun (reddino.review.run_group)."""
+    ``${run_group:task}``: the W&B group, one per Hydra multirun (reddino.runtime.dashboard.run_group)."""
     if not OmegaConf.has_resolver("int_mul"):
         OmegaConf.register_new_resolver("int_mul", _int_mul)
     if not OmegaConf.has_resolver("synthetic_classes"):

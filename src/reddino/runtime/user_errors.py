@@ -19,10 +19,10 @@ USER_ERROR_EXIT = 2
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that describe bad input (files, options, weights, data), not a bug in reddino."""
-    from reddino.config_checks import ConfigError
     from reddino.data.io import BadImageError
     from reddino.data.sources.download import DatasetUnavailableError
     from reddino.run_specs import UntrustedConfigError
+    from reddino.runtime.config_checks import ConfigError
     from reddino.weights import HubUnavailableError
 
     return (
