@@ -75,7 +75,7 @@ def main() -> None:
         cfg = pretrain_config([f"augment={pipeline}", *base])
         images = load_units(cfg, args.units)
         transform = instantiate(cfg.augment)
-        views = cfg.ssl.crops.n_global + cfg.ssl.crops.n_local
+        views = cfg.augment.n_global + cfg.ssl.crops.n_local
         rate = views_per_second(transform, images, views, args.repeats)
         shape = images[0].shape
         print(

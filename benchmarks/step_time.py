@@ -18,7 +18,7 @@ from datetime import date
 import torch
 
 from benchmarks.common import PIECES, StepRunner, endless, pretrain_config, split_steps, to_device
-from reddino.pretrain import build_training
+from reddino.workflows.pretraining import build_training
 
 
 def main() -> None:

@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 from benchmarks.common import endless, pretrain_config
 from reddino.data.datasets import LabelledUnitDataset, eval_transform
 from reddino.eval.features import extract_cls_features
-from reddino.eval.knn_report import grouped_knn_scores
+from reddino.eval.protocols import make_splits
+from reddino.eval.session import score_feature_set
 from reddino.ssl.backbone import forward_tokens
 
 
@@ -105,9 +106,9 @@ def main() -> None:
     seconds = time.perf_counter() - start
     features, labels = extract_cls_features(backbone, held_out, cfg.report.batch_size, 0, "cpu")
     groups = held_out.units[cfg.report.group_by].to_numpy()
-    scores = grouped_knn_scores(
-        features, labels, groups, cfg.report.knn, len(classes), cfg.report.n_splits, cfg.seed
-    )
+    splits = make_splits("grouped_kfold", labels.numpy(), groups, None, None, cfg.report.n_splits, cfg.seed)
+    probes = {"linear": {"enabled": False}, "knn": cfg.report.probes.knn}
+    scores = score_feature_set(features, labels, splits, classes, probes, scale=False)
 
     print(f"# supervised probe, {platform.processor() or platform.machine()}, {date.today()}")
     pipeline = "none (resize + flip)" if args.no_augment else cfg.augment._target_
@@ -115,9 +116,9 @@ def main() -> None:
     print(f"train cells {len(train)} ({list(cfg.data.train_sources)}), held-out cells {len(held_out)}")
     tail = losses[-max(1, len(losses) // 10) :]
     print(f"steps {args.steps}, lr {args.lr}: loss {losses[0]:.3f} -> {np.mean(tail):.3f} in {seconds:.0f} s")
-    for k, by_metric in scores.items():
+    for probe, by_metric in scores.items():
         f1 = by_metric["weighted_f1"]
-        print(f"  {k:5s} weighted F1 {100 * f1['mean']:.1f} ± {100 * f1['std']:.1f}")
+        print(f"  {probe:5s} weighted F1 {100 * f1['mean']:.1f} ± {100 * f1['std']:.1f}")
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import StepRunner, endless, pretrain_config, split_steps, to_device
-from reddino.pretrain import build_training
 from reddino.runtime.fast_path import FastPath, compile_blocks_
+from reddino.workflows.pretraining import build_training
 
 # dense bf16 tensor-core peak (TFLOP/s, no sparsity) by device name; the first match wins
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))

@@ -228,7 +228,8 @@ class KnnProbe(pl.Callback):
     def score(self, backbone: torch.nn.Module, device: torch.device) -> dict[str, float]:
         """Weighted F1 in percent per k, mean over the grouped folds."""
         from reddino.eval.features import pool_tokens
-        from reddino.eval.knn_report import grouped_knn_scores
+        from reddino.eval.protocols import make_splits
+        from reddino.eval.session import score_feature_set
 
         assert self._images is not None and self._labels is not None and self._groups is not None
         was_training = backbone.training
@@ -238,11 +239,12 @@ class KnnProbe(pl.Callback):
             batch = (self._images[start : start + self.batch_size].float() - self.mean) / self.std
             feats.append(pool_tokens(backbone, batch.to(device), "cls").float().cpu())
         backbone.train(was_training)
-        features, n_classes = torch.cat(feats), len(self.classes)
-        scores = grouped_knn_scores(
-            features, self._labels, self._groups, self.knn, n_classes, self.n_splits, self.seed
+        splits = make_splits(
+            "grouped_kfold", self._labels.numpy(), self._groups, None, None, self.n_splits, self.seed
         )
-        return {f"knn{k}_weighted_f1": 100.0 * scores[f"k={k}"]["weighted_f1"]["mean"] for k in self.ks}
+        probes = {"linear": {"enabled": False}, "knn": {**self.knn, "enabled": True}}
+        scores = score_feature_set(torch.cat(feats), self._labels, splits, self.classes, probes, scale=False)
+        return {f"knn{k}_weighted_f1": 100.0 * scores[f"knn{k}"]["weighted_f1"]["mean"] for k in self.ks}
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step

@@ -97,6 +97,6 @@ def test_supervised_probe_trains_and_scores_the_held_out_cells(tmp_path, plain):
     out = run_script("benchmarks.supervised_probe", *args, cache=tmp_path)
     assert ("none (resize + flip)" in out) == plain
     scores = [line for line in out.splitlines() if "weighted F1" in line]
-    assert [s.split()[0] for s in scores] == ["k=1", "k=3"]  # debug=fast reports k = 1 and 3
+    assert [s.split()[0] for s in scores] == ["knn1", "knn3"]  # debug=fast reports k = 1 and 3
     assert all(0.0 <= float(s.split()[3]) <= 100.0 for s in scores)
     assert "loss" in out and "train cells" in out

@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from reddino.data.masking import assemble_batch
-from reddino.pretrain import build_collator, build_module
 from reddino.ssl.module import DinoV2Module
+from reddino.workflows.pretraining import build_collator, build_module
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -13,8 +13,8 @@ from pretrain_cli import run_pretrain
 from safetensors.torch import load_file
 
 from reddino.data.masking import assemble_batch
-from reddino.pretrain import build_module
 from reddino.runtime.fast_path import FastPath, apply_global_switches, compile_blocks_, set_fused_attention_
+from reddino.workflows.pretraining import build_module
 
 pytestmark = [
     pytest.mark.gpu,

@@ -13,8 +13,8 @@ from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from conftest import data_root
-from reddino.prepare import run as prepare
-from reddino.pretrain import run as pretrain
+from reddino.workflows.preparation import run as prepare
+from reddino.workflows.pretraining import run as pretrain
 
 
 def smear(width: int, height: int, seed: int) -> np.ndarray:
@@ -201,4 +201,4 @@ def test_prepare_shared_datasets_then_pretrain_on_real_patches(make_cfg, tmp_pat
     summary = pretrain(cfg)
     assert summary["steps"] == cfg.ssl.optim.total_steps
     assert summary["protocol"]["sources"] == ["chula_rbc12"]
-    assert np.isfinite(summary["results"]["pretrained_teacher"]["k=1"]["weighted_f1"]["mean"])
+    assert np.isfinite(summary["results"]["pretrained_teacher"]["knn1"]["weighted_f1"]["mean"])

@@ -13,8 +13,8 @@ from hydra.utils import instantiate as hydra_instantiate
 from safetensors.torch import load_file
 from wandb_offline import read_offline_run
 
-from reddino.pretrain import run
 from reddino.weights import load_backbone
+from reddino.workflows.pretraining import run
 
 
 def test_debug_run_writes_checkpoints_logs_export_and_report(make_cfg, tmp_path):
@@ -31,9 +31,11 @@ def test_debug_run_writes_checkpoints_logs_export_and_report(make_cfg, tmp_path)
 
     results = json.loads((out / "results.json").read_text())
     for model in ("pretrained_teacher", "random_init"):
-        for k in ("k=1", "k=3"):
-            scores = results["results"][model][k]
+        assert set(results["results"][model]) == {"linear", "knn1", "knn3"}  # the probes of reddino-eval
+        for probe in ("linear", "knn1", "knn3"):
+            scores = results["results"][model][probe]
             assert 0.0 <= scores["weighted_f1"]["mean"] <= 1.0 and len(scores["weighted_f1"]["folds"]) == 5
+            assert len(scores["confusion"]) == len(cfg.data.classes) and scores["n_test"] > 0
     protocol = results["protocol"]
     assert protocol["sources"] == ["src4"]
     gen = cfg.data.generator
@@ -66,14 +68,14 @@ def test_debug_run_writes_checkpoints_logs_export_and_report(make_cfg, tmp_path)
     assert wb.run_id == (out / "wandb_run_id").read_text().strip() and wb.group == "pretrain"
     assert wb.config["ssl"]["name"] == "reddino" and wb.config["model"]["patch_size"] == cfg.model.patch_size
     for model in ("pretrained_teacher", "random_init"):
-        key = f"knn/{model}/k=1/weighted_f1"
-        assert wb.summary[key] == pytest.approx(results["results"][model]["k=1"]["weighted_f1"]["mean"])
+        key = f"{model}/knn1/weighted_f1"
+        assert wb.summary[key] == pytest.approx(results["results"][model]["knn1"]["weighted_f1"]["mean"])
     assert {"train/loss", "schedule/lr", "monitor/teacher_entropy"} <= wb.history_keys
     for name in ("umap_teacher", "pca_patches"):
         assert (out / f"{name}.png").is_file()
         assert any(m.startswith(f"media/images/{name}_") for m in wb.media), wb.media
-    assert any(m.startswith("media/table/knn_results_") for m in wb.media)
-    assert len(pd.read_csv(out / "results.csv")) == 2 * 2 * 4  # models x k x metrics
+    assert any(m.startswith("media/table/results_") for m in wb.media)
+    assert len(pd.read_csv(out / "results.csv")) == 2 * 3 * 4  # models x probes x metrics
 
     state = load_file(str(out / "export" / "model.safetensors"))
     config = json.loads((out / "export" / "config.json").read_text())

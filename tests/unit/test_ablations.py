@@ -120,8 +120,8 @@ def _job(
     (job / "config.yaml").write_text(OmegaConf.to_yaml(config))
     if teacher is not None:
         results = {
-            "pretrained_teacher": {"k=1": _scores(teacher), "k=20": _scores(teacher + 0.02)},
-            "random_init": {"k=1": _scores(0.30), "k=20": _scores(0.31)},
+            "pretrained_teacher": {"knn1": _scores(teacher), "knn20": _scores(teacher + 0.02)},
+            "random_init": {"knn1": _scores(0.30), "knn20": _scores(0.31)},
         }
         (job / "results.json").write_text(json.dumps({"steps": 100, "results": results}))
     return job
@@ -153,7 +153,7 @@ def test_summary_reports_every_job_with_failures_and_their_errors(sweep):
     scored = frame[frame["status"] == "ok"]
     assert len(scored) == 2 * 2 * 2  # 2 jobs x 2 models x 2 k
     row = scored[
-        (scored["job"] == "1") & (scored["model"] == "pretrained_teacher") & (scored["knn"] == "k=20")
+        (scored["job"] == "1") & (scored["model"] == "pretrained_teacher") & (scored["probe"] == "knn20")
     ]
     assert row["weighted_f1_mean"].item() == pytest.approx(0.42)
 
@@ -223,7 +223,7 @@ def test_seeds_pair_each_variant_with_the_baseline_of_the_same_seed(tmp_path):
     assert sorted(frame["seed"].dropna().unique()) == [0, 1, 2]
     csv = pd.read_csv(sweep / SUMMARY_CSV)
     row = csv[
-        (csv["variant"] == "KoLeo 0.1") & (csv["model"] == "pretrained_teacher") & (csv["knn"] == "k=1")
+        (csv["variant"] == "KoLeo 0.1") & (csv["model"] == "pretrained_teacher") & (csv["probe"] == "knn1")
     ]
     diffs = [100 * g for g in gain.values()]
     half = stats.t.ppf(0.975, 2) * pd.Series(diffs).std() / 3**0.5

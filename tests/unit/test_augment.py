@@ -79,6 +79,7 @@ def reddino(
         local_scale=(0.05, 0.32),
         n_global=n_global,
         n_local=n_local,
+        crop_ratio=(3 / 4, 4 / 3),
         n_pixel_ops=4,
         flip_p=0.85,
         pixel_transforms=REDDINO_PIXEL_TRANSFORMS,
@@ -99,6 +100,7 @@ def dinov2(seed: int | None = 0, n_local: int = 3, **overrides: Any) -> DinoV2Au
         local_scale=(0.05, 0.32),
         n_global=2,
         n_local=n_local,
+        crop_ratio=(3 / 4, 4 / 3),
         color_jitter=(0.4, 0.4, 0.2, 0.1),
         color_jitter_p=0.8,
         grayscale_p=0.2,
@@ -449,7 +451,6 @@ def compose_config(name: str, n_local: int = 2) -> Any:
         f"ssl.crops.local_size={LOCAL}",
         "ssl.crops.global_scale=[0.32,1.0]",
         "ssl.crops.local_scale=[0.05,0.32]",
-        "ssl.crops.n_global=2",
         f"ssl.crops.n_local={n_local}",
         "seed=5",
     ]
@@ -476,3 +477,37 @@ def test_reddino_config_lists_the_33_transforms_in_reference_order() -> None:
     cfg = compose_config("reddino")
     assert list(cfg.pixel_transforms) == list(REDDINO_PIXEL_TRANSFORMS)
     assert cfg.n_pixel_ops == 4 and cfg.flip_p == 0.85
+
+
+@pytest.mark.parametrize("make", [reddino, dinov2])
+def test_a_square_crop_ratio_keeps_the_cell_aspect(make) -> None:
+    """crop_ratio (1, 1) never stretches: a disc stays round in every view (elliptocytes are told from
+    normal cells by aspect alone, so a recipe may keep it)."""
+    disc = np.zeros((96, 96, 3), dtype=np.uint8)
+    cv2.circle(disc, (48, 48), 12, (255, 255, 255), -1)
+    kwargs = {
+        "color_jitter_p": 0.0,
+        "grayscale_p": 0.0,
+        "global_blur_p": (0.0, 0.0),
+        "global_solarize_p": (0.0, 0.0),
+    }
+    aug = make(
+        seed=3,
+        n_local=0,
+        crop_ratio=(1.0, 1.0),
+        global_scale=(1.0, 1.0),
+        **({} if make is reddino else kwargs),
+        **({"n_pixel_ops": 0} if make is reddino else {}),
+    )
+    for view in aug(disc)["global_crops"]:
+        mask = view.mean(0) > view.mean()
+        rows, cols = mask.any(1).sum().item(), mask.any(0).sum().item()
+        assert abs(rows - cols) <= 1
+    stretched = make(seed=3, crop_ratio=(0.5, 2.0))
+    crops = [
+        t
+        for view in stretched._global_views + stretched._local_views
+        for t in view.transforms
+        if isinstance(t, A.RandomResizedCrop)
+    ]
+    assert len(crops) == 2 + 3 and all(tuple(t.ratio) == (0.5, 2.0) for t in crops)

@@ -179,7 +179,7 @@ def test_a_training_step_of_the_module_is_the_same_with_the_chunked_head(make_cf
     import numpy as np
     from hydra.utils import instantiate
 
-    from reddino.pretrain import build_collator, build_module
+    from reddino.workflows.pretraining import build_collator, build_module
 
     overrides = [f"ssl={ssl}", "ssl.head.n_prototypes=96", "ssl.head.ibot_n_prototypes=80"]
     if ssl == "dinov2":

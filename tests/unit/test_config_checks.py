@@ -55,6 +55,9 @@ def test_defaults_pass_every_table(make_cfg):
         ("data.loader.batch_size=0", "data.loader.batch_size=0: must be at least 1"),
         ("data.pretrain_units.unit=cells", "data.pretrain_units.unit='cells'"),
         ("ssl.centering.method=sinkhorn", "ssl.centering.method='sinkhorn'"),
+        ("augment.n_global=3", r"augment.n_global=3: must be one of \[2\]"),
+        ("ssl.optim.freeze_backbone_epochs=-1", "ssl.optim.freeze_backbone_epochs=-1: must be at least 0"),
+        ("report.probes.knn.metric=cos", "report.probes.knn.metric='cos': must be one of"),
     ],
 )
 def test_pretrain_options_are_checked(make_cfg, override, message):

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from reddino.pretrain import build_collator, build_module
+from reddino.workflows.pretraining import build_collator, build_module
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from reddino.pretrain import build_module
 from reddino.runtime.fast_path import FastPath, compile_blocks_, set_fused_attention_
 from reddino.ssl.backbone import build_backbone, forward_tokens
+from reddino.workflows.pretraining import build_module
 
 SWITCHES = {
     "tf32": True,

@@ -282,6 +282,7 @@ def reddino(pixel_ops_device: str) -> RedDinoAugmentation:
         local_scale=(0.05, 0.32),
         n_global=2,
         n_local=1,
+        crop_ratio=(3 / 4, 4 / 3),
         n_pixel_ops=4,
         flip_p=0.85,
         pixel_transforms=REDDINO_POOL,
@@ -363,7 +364,7 @@ def test_datamodule_hook_normalises_every_crop_without_a_trainer(with_local):
 
 
 def test_reddino_gpu_config_composes_and_a_tiny_pretraining_step_runs(make_cfg):
-    from reddino.pretrain import build_training, run
+    from reddino.workflows.pretraining import build_training, run
 
     cfg = make_cfg("debug=fast", "augment=reddino_gpu", "report.enabled=false", "ssl.optim.epochs=1")
     assert cfg.augment.pixel_ops_device == "gpu"

@@ -12,7 +12,8 @@ from PIL import Image
 from reddino.callbacks import KnnProbe, knn_curve
 from reddino.data.datasets import LabelledUnitDataset, eval_transform
 from reddino.eval.features import extract_cls_features
-from reddino.eval.knn_report import grouped_knn_scores
+from reddino.eval.protocols import make_splits
+from reddino.eval.session import score_feature_set
 from reddino.ssl.backbone import build_backbone
 
 KNN = {"ks": [1, 3], "metric": "euclidean", "temperature": 0.07, "chunk_size": 7}
@@ -87,9 +88,19 @@ def test_probe_scores_equal_the_evaluation_path(tmp_path):
     ordered = units.sort_values("file", kind="stable").reset_index(drop=True)
     dataset = LabelledUnitDataset(ordered, eval_transform(16, MEAN, STD), ["a", "b"], 4)
     feats, labels = extract_cls_features(net, dataset, 5, 0, "cpu")
-    expected = grouped_knn_scores(feats, labels, ordered["file"].to_numpy(), KNN, 2, 3, 0)
+    splits = make_splits("grouped_kfold", labels.numpy(), ordered["file"].to_numpy(), None, None, 3, 0)
+    expected = score_feature_set(
+        feats,
+        labels,
+        splits,
+        ["a", "b"],
+        {"linear": {"enabled": False}, "knn": {**KNN, "enabled": True}},
+        False,
+    )
     for k in (1, 3):
-        assert scores[f"knn{k}_weighted_f1"] == pytest.approx(100 * expected[f"k={k}"]["weighted_f1"]["mean"])
+        assert scores[f"knn{k}_weighted_f1"] == pytest.approx(
+            100 * expected[f"knn{k}"]["weighted_f1"]["mean"]
+        )
 
 
 def test_probe_records_a_curve_once_per_step_and_a_disabled_one_reads_nothing(tmp_path):

@@ -56,7 +56,8 @@ def test_every_trainable_param_in_exactly_one_group(model):
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
     for g in groups:
-        assert set(g) == {"params", "names", "lr_multiplier", "wd_multiplier", "is_last_layer"}
+        assert set(g) == {"params", "names", "lr_multiplier", "wd_multiplier", "is_last_layer", "is_backbone"}
+        assert g["is_backbone"] == all(n.startswith("backbone.") for n in g["names"])
         assert len(g["params"]) == len(g["names"])
 
 
@@ -115,13 +116,14 @@ def test_last_layer_flag(model):
 
 def test_groups_are_fused(model):
     groups = build_param_groups(model, patch_embed_lr_mult=0.2, layerwise_decay=1.0, n_blocks=N_BLOCKS)
-    # RedDino (no layer decay): {1, 0.2} lr x {wd, no wd} plus the last layer
-    assert len(groups) == 5
-    keys = [(g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"]) for g in groups]
+    # RedDino (no layer decay): backbone {1, 0.2} lr x {wd, no wd}, head {wd, no wd}, the last layer
+    assert len(groups) == 7
+    keys = [(g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"], g["is_backbone"]) for g in groups]
     assert len(set(keys)) == len(keys)
     decayed = build_param_groups(model, patch_embed_lr_mult=0.2, layerwise_decay=0.9, n_blocks=N_BLOCKS)
-    # embeddings (wd), patch_embed (wd, no wd), 2 blocks x (wd, no wd), top (wd, no wd), last layer
-    assert len(decayed) == 10
+    # embeddings (wd), patch_embed (wd, no wd), 2 blocks x (wd, no wd), backbone top (no wd), head top
+    # (wd, no wd), last layer
+    assert len(decayed) == 11
 
 
 @pytest.mark.parametrize(
@@ -152,7 +154,7 @@ def test_wd_multiplier_rules():
 def test_apply_schedules_sets_lr_and_weight_decay(model):
     groups = build_param_groups(model, patch_embed_lr_mult=0.2, layerwise_decay=0.9, n_blocks=N_BLOCKS)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
-    apply_schedules_(optimizer, lr=1e-3, weight_decay=0.04, last_layer_lr=0.0)
+    apply_schedules_(optimizer, lr=1e-3, weight_decay=0.04, last_layer_lr=0.0, backbone_lr=1e-3)
     for g in optimizer.param_groups:
         base = 0.0 if g["is_last_layer"] else 1e-3
         assert g["lr"] == pytest.approx(base * g["lr_multiplier"])
@@ -161,7 +163,7 @@ def test_apply_schedules_sets_lr_and_weight_decay(model):
     assert patch["lr"] == pytest.approx(1e-3 * 0.9**3 * 0.2) and patch["weight_decay"] == pytest.approx(0.04)
     last = next(g for g in optimizer.param_groups if g["is_last_layer"])
     assert last["lr"] == 0.0
-    apply_schedules_(optimizer, lr=2e-3, weight_decay=0.2, last_layer_lr=5e-4)
+    apply_schedules_(optimizer, lr=2e-3, weight_decay=0.2, last_layer_lr=5e-4, backbone_lr=2e-3)
     assert last["lr"] == pytest.approx(5e-4)
     norm = next(g for g in optimizer.param_groups if "backbone.norm.weight" in g["names"])
     assert norm["lr"] == pytest.approx(2e-3) and norm["weight_decay"] == 0.0
@@ -171,7 +173,7 @@ def test_optimizer_step_runs_and_respects_zero_lr_for_frozen_last_layer():
     m = Model()
     groups = build_param_groups(m, patch_embed_lr_mult=0.2, layerwise_decay=1.0, n_blocks=N_BLOCKS)
     optimizer = torch.optim.AdamW(groups)
-    apply_schedules_(optimizer, lr=1e-2, weight_decay=0.04, last_layer_lr=0.0)
+    apply_schedules_(optimizer, lr=1e-2, weight_decay=0.04, last_layer_lr=0.0, backbone_lr=1e-2)
     last_before = m.dino_head.last_layer.parametrizations.weight.original1.detach().clone()
     qkv_before = m.backbone.blocks[0].attn.qkv.weight.detach().clone()
     out = m.dino_head(m.backbone(torch.randn(2, 3, 28, 28)))
@@ -179,3 +181,18 @@ def test_optimizer_step_runs_and_respects_zero_lr_for_frozen_last_layer():
     optimizer.step()
     assert torch.equal(m.dino_head.last_layer.parametrizations.weight.original1, last_before)
     assert not torch.equal(m.backbone.blocks[0].attn.qkv.weight, qkv_before)
+
+
+def test_a_frozen_backbone_stays_put_while_the_head_learns():
+    """The head warm-up: backbone_lr 0 moves no backbone weight (no decay either), the heads move."""
+    m = Model()
+    groups = build_param_groups(m, patch_embed_lr_mult=0.2, layerwise_decay=1.0, n_blocks=N_BLOCKS)
+    optimizer = torch.optim.AdamW(groups)
+    apply_schedules_(optimizer, lr=1e-2, weight_decay=0.04, last_layer_lr=1e-2, backbone_lr=0.0)
+    backbone_before = {k: v.detach().clone() for k, v in m.backbone.state_dict().items()}
+    head_before = m.dino_head.mlp[0].weight.detach().clone()
+    m.dino_head(m.backbone(torch.randn(2, 3, 28, 28))).square().mean().backward()
+    optimizer.step()
+    for key, value in m.backbone.state_dict().items():
+        assert torch.equal(value, backbone_before[key]), key
+    assert not torch.equal(m.dino_head.mlp[0].weight, head_before)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from reddino.pretrain import checkpoint_to_resume, logger_run_id, run_id_of
 from reddino.runtime.paths import config_dir
+from reddino.runtime.run_dir import checkpoint_to_resume, logger_run_id, run_id_of
 
 CONF = str(config_dir())
 

@@ -9,8 +9,8 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from reddino.pretrain import checkpoint_to_resume
 from reddino.run_specs import UntrustedConfigError, backbone_args, plain_value, read_run_units
+from reddino.runtime.run_dir import checkpoint_to_resume
 from reddino.ssl.backbone import build_backbone
 from reddino.weights import build_from_config, load_backbone
 

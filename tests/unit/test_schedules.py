@@ -127,6 +127,7 @@ def build(**overrides) -> SSLSchedules:
         teacher_temp=0.07,
         warmup_teacher_temp_epochs=3,
         freeze_last_layer_epochs=1.5,
+        freeze_backbone_epochs=0,
     )
     cfg.update(overrides)
     return SSLSchedules.from_config(**cfg)
@@ -152,7 +153,7 @@ def test_ssl_schedules_match_reference_arrays():
 def test_ssl_schedules_values_dict():
     s = build()
     values = s.values(20)
-    assert set(values) == {"lr", "last_layer_lr", "weight_decay", "momentum", "teacher_temp"}
+    assert set(values) == {"lr", "last_layer_lr", "backbone_lr", "weight_decay", "momentum", "teacher_temp"}
     assert values["lr"] == s.lr(20) and values["momentum"] == s.momentum(20)
     assert values["teacher_temp"] == s.teacher_temp(20) and values["weight_decay"] == s.weight_decay(20)
 
@@ -186,6 +187,7 @@ def test_reddino_small_run():
         teacher_temp=0.07,
         warmup_teacher_temp_epochs=30,
         freeze_last_layer_epochs=0,
+        freeze_backbone_epochs=0,
     )
     assert s.warmup_steps == 320 and s.teacher_temp_warmup_steps == 96000
     assert s.lr(0) == 0.0 and s.last_layer_lr(0) == 0.0
@@ -198,3 +200,15 @@ def test_reddino_small_run():
     assert s.weight_decay(0) == pytest.approx(0.04) and s.weight_decay(32000) == 0.2
     assert s.momentum(0) == pytest.approx(0.994) and s.momentum(16000) == pytest.approx(0.997)
     assert math.isclose(s.momentum(40000), 1.0)
+
+
+def test_backbone_lr_is_zero_while_frozen_then_ramps_in():
+    s = build(freeze_backbone_epochs=2)  # 20 frozen steps of 60, warmup 8
+    assert all(s.backbone_lr(t) == 0.0 for t in range(20)) and s.lr(10) > 0
+    assert s.backbone_lr(20) == pytest.approx(s.lr(20) / 8)
+    assert s.backbone_lr(23) == pytest.approx(s.lr(23) * 4 / 8)
+    assert all(s.backbone_lr(t) == pytest.approx(s.lr(t)) for t in range(27, 60))
+    assert build().backbone_lr(5) == build().lr(5)  # no warm-up: the backbone follows lr
+    assert s.values(3)["backbone_lr"] == 0.0
+    with pytest.raises(ValueError, match="freeze_backbone_epochs"):
+        build(freeze_backbone_epochs=6)  # the whole run frozen

@@ -30,10 +30,10 @@ def _scores(mean: float, std: float) -> dict[str, float]:
 def test_results_table_formats_mean_and_std_in_the_paper_layout():
     results = {
         "pretrained_teacher": {
-            "k=1": {"weighted_f1": _scores(0.3567, 0.0123), "accuracy": _scores(0.4, 0.01)},
-            "k=20": {"weighted_f1": _scores(0.5, 0.0)},
+            "knn1": {"weighted_f1": _scores(0.3567, 0.0123), "accuracy": _scores(0.4, 0.01)},
+            "knn20": {"weighted_f1": _scores(0.5, 0.0)},
         },
-        "random_init": {"k=1": {"weighted_f1": _scores(0.25, 0.02), "accuracy": _scores(0.3, 0.05)}},
+        "random_init": {"knn1": {"weighted_f1": _scores(0.25, 0.02), "accuracy": _scores(0.3, 0.05)}},
         "dinobloom": {"linear": {"weighted_f1": _scores(0.9, 0.001)}, "knn20": {"accuracy": _scores(1.0, 0)}},
     }
     table = results_table(results, ["weighted_f1", "accuracy"])

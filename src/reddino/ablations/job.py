@@ -2,8 +2,9 @@
 
 Hydra's launchers keep going past a failed job (the basic launcher raises only after the last one), but
 they keep the exception in memory: nothing in the job directory says why it has no ``results.json``.
-This entry point runs ``reddino.pretrain.run`` unchanged and, when it raises, writes the traceback to
-``error.txt`` in the job directory before re-raising, so the summary can say which job failed and why.
+This entry point runs ``reddino.workflows.pretraining.run`` unchanged and, when it raises, writes the
+traceback to ``error.txt`` in the job directory before re-raising, so the summary can say which job
+failed and why.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import hydra
 from omegaconf import DictConfig
 
 from reddino.ablations import ERROR_FILE
-from reddino.pretrain import run
 from reddino.runtime.paths import CONFIG_PATH
+from reddino.workflows.pretraining import run
 
 
 def run_recording_errors(cfg: DictConfig) -> None:

@@ -28,7 +28,7 @@ from reddino.viz.plots import MODEL_LABELS, ablation_bars, probe_label
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 FIGURE_PNG = "fig2_ablation_bars.png"
-KEYS = ["job", "axis", "variant", "seed", "status", "error", "steps", "overrides", "model", "knn"]
+KEYS = ["job", "axis", "variant", "seed", "status", "error", "steps", "overrides", "model", "probe"]
 PAIRED_COLUMNS = ["paired_seeds", "paired_diff", "paired_ci_low", "paired_ci_high"]
 CONFIDENCE = 0.95
 
@@ -108,7 +108,7 @@ def read_job(job_dir: Path) -> JobRecord:
 
 
 def collect(sweep_dir: str | Path) -> pd.DataFrame:
-    """One row per (job, model, k) with every metric's mean and std (fractions); a failed job is one row
+    """One row per (job, model, probe) with every metric's mean and std (fractions); a failed job is one row
     with its error and no scores."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
@@ -120,11 +120,11 @@ def collect(sweep_dir: str | Path) -> pd.DataFrame:
     for r in records:
         base = {k: getattr(r, k) for k in KEYS[:-2]}
         if r.status != "ok":
-            rows.append({**base, "model": None, "knn": None})
+            rows.append({**base, "model": None, "probe": None})
             continue
         for model, by_k in r.results.items():
             for k, scores in by_k.items():
-                row = {**base, "model": model, "knn": k}
+                row = {**base, "model": model, "probe": k}
                 for m, s in scores.items():  # the metrics results.json holds, in its order
                     if isinstance(s, dict) and "mean" in s:
                         row[f"{m}_mean"], row[f"{m}_std"] = s["mean"], s["std"]
@@ -146,10 +146,10 @@ def paired_differences(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     from scipy import stats
 
     scored = _with_seed_key(frame[frame["status"] == "ok"])
-    base = scored[scored["axis"] == "baseline"].set_index(["seed_key", "model", "knn"])[f"{metric}_mean"]
+    base = scored[scored["axis"] == "baseline"].set_index(["seed_key", "model", "probe"])[f"{metric}_mean"]
     rows = []
     others = scored[scored["axis"] != "baseline"]
-    for (axis, variant, model, k), g in others.groupby(["axis", "variant", "model", "knn"], sort=False):
+    for (axis, variant, model, k), g in others.groupby(["axis", "variant", "model", "probe"], sort=False):
         diffs = [
             100 * (r[f"{metric}_mean"] - base[(r["seed_key"], model, k)])
             for _, r in g.iterrows()
@@ -167,7 +167,7 @@ def paired_differences(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
                 "axis": axis,
                 "variant": variant,
                 "model": model,
-                "knn": k,
+                "probe": k,
                 "paired_seeds": n,
                 "paired_diff": mean,
                 "paired_ci_low": mean - half,
@@ -175,7 +175,9 @@ def paired_differences(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
                 "paired_per_seed": " ".join(f"{d:+.1f}" for d in diffs),
             }
         )
-    return pd.DataFrame(rows, columns=["axis", "variant", "model", "knn", *PAIRED_COLUMNS, "paired_per_seed"])
+    return pd.DataFrame(
+        rows, columns=["axis", "variant", "model", "probe", *PAIRED_COLUMNS, "paired_per_seed"]
+    )
 
 
 def paired_markdown(paired: pd.DataFrame, metric: str) -> list[str]:
@@ -187,7 +189,7 @@ def paired_markdown(paired: pd.DataFrame, metric: str) -> list[str]:
         {
             "axis": teacher["axis"],
             "variant": teacher["variant"],
-            "probe": [probe_label(k) for k in teacher["knn"]],
+            "probe": [probe_label(k) for k in teacher["probe"]],
             "seeds": teacher["paired_seeds"],
             f"Δ {metric} (points)": [f"{d:+.1f}" for d in teacher["paired_diff"]],
             "95% CI": [
@@ -225,7 +227,7 @@ def wide_table(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     baseline job (percentage points), and the job's status (with its error when it failed)."""
     frame = _with_seed_key(frame)
     scored = frame[frame["status"] == "ok"]
-    baseline = scored[scored["axis"] == "baseline"].set_index(["seed_key", "model", "knn"])
+    baseline = scored[scored["axis"] == "baseline"].set_index(["seed_key", "model", "probe"])
     score_cols: dict[str, None] = {}
     delta_cols: dict[str, None] = {}
     rows = []
@@ -236,12 +238,12 @@ def wide_table(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
         row = {"job": job, "axis": first["axis"], "variant": first["variant"], "seed": seed, "steps": steps}
         for s in g[g["status"] == "ok"].itertuples(index=False):
             mean = getattr(s, f"{metric}_mean")
-            label = f"{MODEL_LABELS.get(s.model, s.model)} {probe_label(s.knn)}"
+            label = f"{MODEL_LABELS.get(s.model, s.model)} {probe_label(s.probe)}"
             row[label] = _cell(mean, getattr(s, f"{metric}_std"))
             score_cols[label] = None
-            if s.model == "pretrained_teacher" and (first["seed_key"], s.model, s.knn) in baseline.index:
+            if s.model == "pretrained_teacher" and (first["seed_key"], s.model, s.probe) in baseline.index:
                 if first["axis"] != "baseline":
-                    base = baseline.at[(first["seed_key"], s.model, s.knn), f"{metric}_mean"]
+                    base = baseline.at[(first["seed_key"], s.model, s.probe), f"{metric}_mean"]
                     row[f"Δ {label}"] = f"{100 * (mean - base):+.1f}"
                 delta_cols[f"Δ {label}"] = None
         row["status"] = "ok" if first["status"] == "ok" else f"FAILED: {first['error']}"
@@ -280,8 +282,8 @@ def write_summary(sweep_dir: str | Path, out_dir: str | Path | None, metric: str
         raise ValueError(f"no metric {metric!r} in the results; they hold {metric_names(frame)}")
     paired = paired_differences(frame, metric)
     with_pairs = frame.merge(
-        paired[["axis", "variant", "model", "knn", *PAIRED_COLUMNS]],
-        on=["axis", "variant", "model", "knn"],
+        paired[["axis", "variant", "model", "probe", *PAIRED_COLUMNS]],
+        on=["axis", "variant", "model", "probe"],
         how="left",
     )
     with_pairs.to_csv(out / SUMMARY_CSV, index=False)

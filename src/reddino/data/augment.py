@@ -398,12 +398,12 @@ class RedDinoAugmentation(_MultiCrop):
     semantics.
 
     Flow: resize the whole unit to ``global_size`` (bilinear); per global view RandomResizedCrop
-    (``global_scale``, ratio 3/4-4/3, bilinear) -> ``n_pixel_ops`` colour/pixel ops drawn with
-    replacement and force-applied (:class:`SomeOfWithReplacement`) -> HorizontalFlip, VerticalFlip,
-    RandomRotate90 each independently with ``flip_p`` -> Normalize(mean, std, max 255) -> CHW float
-    tensor. Local views: RandomResizedCrop(``local_size``, ``local_scale``) of the same resized image,
-    then the same pixel ops, geometry and normalisation. ``n_local = 0`` builds no local pipeline; an
-    empty ``pixel_transforms`` (or ``n_pixel_ops = 0``) means no colour/pixel ops.
+    (``global_scale``, aspect ``crop_ratio``: 3/4-4/3 in the reference, bilinear) -> ``n_pixel_ops``
+    colour/pixel ops drawn with replacement and force-applied (:class:`SomeOfWithReplacement`) ->
+    HorizontalFlip, VerticalFlip, RandomRotate90 each independently with ``flip_p`` -> Normalize(mean,
+    std, max 255) -> CHW float tensor. Local views: RandomResizedCrop(``local_size``, ``local_scale``) of
+    the same resized image, then the same pixel ops, geometry and normalisation. ``n_local = 0`` builds no
+    local pipeline; an empty ``pixel_transforms`` (or ``n_pixel_ops = 0``) means no colour/pixel ops.
 
     Deviation from the reference: we feed RGB. The reference read images with ``cv2.imread`` and never
     converted them, so it applied the ImageNet RGB mean/std (and the channel-aware colour ops) to BGR arrays
@@ -431,6 +431,7 @@ class RedDinoAugmentation(_MultiCrop):
         local_scale: Sequence[float],
         n_global: int,
         n_local: int,
+        crop_ratio: Sequence[float],
         n_pixel_ops: int,
         flip_p: float,
         pixel_transforms: Sequence[str],
@@ -455,6 +456,7 @@ class RedDinoAugmentation(_MultiCrop):
         self._seed = seed
         g_scale = _as_pair(global_scale, "global_scale")
         l_scale = _as_pair(local_scale, "local_scale")
+        self._ratio = _as_pair(crop_ratio, "crop_ratio")
         finish = _reddino_finish(flip_p, None if pixel_ops_device == "gpu" else (self._mean, self._std))
         super().__init__(
             prepare=A.Compose([A.Resize(global_size, global_size, interpolation=cv2.INTER_LINEAR)]),
@@ -467,7 +469,7 @@ class RedDinoAugmentation(_MultiCrop):
         self, size: int, scale: tuple[float, float], finish: Callable[[], list[A.BasicTransform]]
     ) -> A.Compose:
         crop = A.RandomResizedCrop(
-            size=(size, size), scale=scale, ratio=(3 / 4, 4 / 3), interpolation=cv2.INTER_LINEAR, p=1.0
+            size=(size, size), scale=scale, ratio=self._ratio, interpolation=cv2.INTER_LINEAR, p=1.0
         )
         if self.pixel_ops_device == "gpu":
             return A.Compose([crop, *finish()])
@@ -511,7 +513,7 @@ class DinoV2Augmentation(_MultiCrop):
     """DINOv2's torchvision multi-crop recipe (docs/reference_augmentation.md §5, RedDino's "default"
     option, as used by DinoBloom) rebuilt with albumentations equivalents.
 
-    Per view: RandomResizedCrop straight from the input (no prior resize; ratio 3/4-4/3, bicubic)
+    Per view: RandomResizedCrop straight from the input (no prior resize; aspect ``crop_ratio``, bicubic)
     -> HorizontalFlip(``hflip_p``) -> VerticalFlip(``vflip_p``) -> rotation by exactly 90 degrees with
     ``rot90_p`` -> ColorJitter(``color_jitter``) with ``color_jitter_p`` -> grayscale with
     ``grayscale_p`` -> Gaussian blur -> [solarize] -> Normalize(mean, std) -> CHW float tensor.
@@ -542,6 +544,7 @@ class DinoV2Augmentation(_MultiCrop):
         local_scale: Sequence[float],
         n_global: int,
         n_local: int,
+        crop_ratio: Sequence[float],
         color_jitter: Sequence[float],
         color_jitter_p: float,
         grayscale_p: float,
@@ -579,6 +582,7 @@ class DinoV2Augmentation(_MultiCrop):
         self._std = _as_triple(std, "std")
         g_scale = _as_pair(global_scale, "global_scale")
         l_scale = _as_pair(local_scale, "local_scale")
+        self._ratio = _as_pair(crop_ratio, "crop_ratio")
         super().__init__(
             prepare=None,
             global_views=[
@@ -595,7 +599,7 @@ class DinoV2Augmentation(_MultiCrop):
         return A.Compose(
             [
                 A.RandomResizedCrop(
-                    size=(size, size), scale=scale, ratio=(3 / 4, 4 / 3), interpolation=cv2.INTER_CUBIC, p=1.0
+                    size=(size, size), scale=scale, ratio=self._ratio, interpolation=cv2.INTER_CUBIC, p=1.0
                 ),
                 A.HorizontalFlip(p=hflip_p),
                 A.VerticalFlip(p=vflip_p),

@@ -1,4 +1,4 @@
-"""``reddino-pack`` / ``make pack``: a prepared folder -> a compact copy that works wherever it is unpacked.
+"""Packing (``reddino-pack``): a prepared folder -> a compact copy that works wherever it is unpacked.
 
 ``reddino-prepare`` writes manifests whose ``file`` is the absolute path of a smear under the shared
 data root, and units are cut from those smears at load time. A GPU node without that storage gets
@@ -28,20 +28,16 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-import reddino.runtime.resolvers  # noqa: F401  (resolvers)
 from reddino.data.io import BadImageError, read_rgb
 from reddino.data.manifest import resolve_files
 from reddino.data.prepare import write_parquet_atomic, write_text_atomic
 from reddino.runtime.config_checks import check_config, pack_rules
 from reddino.runtime.markdown import markdown_table
-from reddino.runtime.paths import CONFIG_PATH
-from reddino.runtime.user_errors import one_line_errors
 
 REPORT_NAME = "pack_report.json"
 OWN_FILES = (REPORT_NAME, "pack_report.md", "pack_skipped.csv")
@@ -308,13 +304,3 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         small_file_bytes=int(cfg.small_file_bytes),
         progress=bool(cfg.progress),
     )
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="pack")
-@one_line_errors("reddino-pack")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -16,6 +16,9 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
+#: What every probe reports, in this order (the paper's three, then macro F1).
+METRICS = ("accuracy", "balanced_accuracy", "weighted_f1", "macro_f1")
+
 
 def classification_metrics(y_true: Tensor, y_pred: Tensor, num_classes: int) -> dict[str, float]:
     """accuracy, balanced_accuracy, weighted_f1 (the paper's three) and macro_f1, as floats in [0, 1]."""

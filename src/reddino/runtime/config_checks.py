@@ -12,6 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from reddino.ssl.losses import N_GLOBAL_CROPS
+
 Rule = Callable[[Any], str | None]  # None when the value is fine, else what is wrong with it
 MISSING = object()
 
@@ -161,18 +163,29 @@ def pretrain_rules() -> dict[str, Rule]:
         "ssl.optim.epochs": integer(minimum=1),
         "ssl.optim.epoch_length": integer(minimum=1),
         "ssl.optim.base_lr": number(minimum=0.0, exclusive=True),
+        "ssl.optim.freeze_backbone_epochs": number(minimum=0.0),
+        "augment.n_global": one_of(N_GLOBAL_CROPS),  # the losses pair two global views
         "ssl.centering.method": one_of(*CENTERING_METHODS),
         "ssl.head.n_prototypes": integer(minimum=2),
         "ssl.head.ibot_n_prototypes": integer(minimum=2),
         "ssl.crops.global_size": integer(minimum=8),
         "ssl.crops.n_local": integer(minimum=0),
         "fast_path.enabled": one_of("auto", True, False),
-        "report.knn.ks": _positive_ints,
-        "report.knn.metric": one_of("euclidean", "cosine"),
-        "report.knn.chunk_size": integer(minimum=1),
+        **probe_rules("report.probes"),
         "report.n_splits": integer(minimum=2),
         "report.max_units": integer(minimum=1, optional=True),
         "report.batch_size": integer(minimum=1),
+    }
+
+
+def probe_rules(node: str) -> dict[str, Rule]:
+    """A ``conf/probes/reference.yaml`` node placed at ``node``."""
+    return {
+        f"{node}.linear.backend": one_of("torch", "sklearn"),
+        f"{node}.linear.max_iter": integer(minimum=1),
+        f"{node}.knn.metric": one_of("euclidean", "cosine"),
+        f"{node}.knn.chunk_size": integer(minimum=1),
+        f"{node}.knn.ks": _positive_ints,
     }
 
 
@@ -187,11 +200,7 @@ def eval_rules() -> dict[str, Rule]:
         "features.pooling": one_of(*POOLINGS),
         "features.batch_size": integer(minimum=1),
         "features.num_workers": integer(minimum=0),
-        "probes.linear.backend": one_of("torch", "sklearn"),
-        "probes.linear.max_iter": integer(minimum=1),
-        "probes.knn.metric": one_of("euclidean", "cosine"),
-        "probes.knn.chunk_size": integer(minimum=1),
-        "probes.knn.ks": _positive_ints,
+        **probe_rules("probes"),
         "eval.protocol": one_of(*PROTOCOLS),
         "eval.n_splits": integer(minimum=2),
     }

@@ -132,6 +132,7 @@ class DinoV2Module(pl.LightningModule):
             teacher_temp=t["teacher_temp"],
             warmup_teacher_temp_epochs=t["warmup_teacher_temp_epochs"],
             freeze_last_layer_epochs=o["freeze_last_layer_epochs"],
+            freeze_backbone_epochs=o["freeze_backbone_epochs"],
         )
 
     def setup(self, stage: str) -> None:
@@ -159,7 +160,11 @@ class DinoV2Module(pl.LightningModule):
         v = self._step_values
         for opt in self.trainer.optimizers:
             apply_schedules_(
-                opt, lr=v["lr"], weight_decay=v["weight_decay"], last_layer_lr=v["last_layer_lr"]
+                opt,
+                lr=v["lr"],
+                weight_decay=v["weight_decay"],
+                last_layer_lr=v["last_layer_lr"],
+                backbone_lr=v["backbone_lr"],
             )
 
     def ibot_head(self, nets: nn.ModuleDict) -> nn.Module:

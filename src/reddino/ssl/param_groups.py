@@ -16,7 +16,7 @@ from reddino.ssl.heads import is_last_layer_param
 
 _EMBEDDING_KEYS = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens", "reg_token")
 _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-_FUSE_KEYS = ("lr_multiplier", "wd_multiplier", "is_last_layer")
+_FUSE_KEYS = ("lr_multiplier", "wd_multiplier", "is_last_layer", "is_backbone")
 
 
 def layer_id(name: str, n_blocks: int) -> int:
@@ -44,12 +44,13 @@ def lr_multiplier(name: str, *, patch_embed_lr_mult: float, layerwise_decay: flo
 def build_param_groups(
     model: nn.Module, *, patch_embed_lr_mult: float, layerwise_decay: float, n_blocks: int
 ) -> list[dict[str, Any]]:
-    """One group per distinct (lr_multiplier, wd_multiplier, is_last_layer), in first-seen order.
+    """One group per distinct (lr_multiplier, wd_multiplier, is_last_layer, is_backbone), in first-seen
+    order.
 
-    Each group has keys params, lr_multiplier, wd_multiplier, is_last_layer, names. Frozen parameters
-    (requires_grad False) are left out.
+    Each group has keys params, lr_multiplier, wd_multiplier, is_last_layer, is_backbone, names. Frozen
+    parameters (requires_grad False) are left out.
     """
-    fused: dict[tuple[float, float, bool], dict[str, Any]] = {}
+    fused: dict[tuple[float, float, bool, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -62,6 +63,7 @@ def build_param_groups(
             ),
             wd_multiplier(name),
             is_last_layer_param(name),
+            name.startswith("backbone."),
         )
         group = fused.setdefault(key, {"params": [], "names": [], **dict(zip(_FUSE_KEYS, key, strict=True))})
         group["params"].append(param)
@@ -69,9 +71,17 @@ def build_param_groups(
     return list(fused.values())
 
 
-def apply_schedules_(optimizer: Optimizer, *, lr: float, weight_decay: float, last_layer_lr: float) -> None:
-    """Write this step's lr and weight decay into every group, scaled by the group's multipliers."""
+def apply_schedules_(
+    optimizer: Optimizer, *, lr: float, weight_decay: float, last_layer_lr: float, backbone_lr: float
+) -> None:
+    """Write this step's lr and weight decay into every group, scaled by the group's multipliers: the
+    prototype layer follows ``last_layer_lr``, the backbone ``backbone_lr`` (the head warm-up)."""
     for group in optimizer.param_groups:
-        base = last_layer_lr if group["is_last_layer"] else lr
+        if group["is_last_layer"]:
+            base = last_layer_lr
+        elif group["is_backbone"]:
+            base = backbone_lr
+        else:
+            base = lr
         group["lr"] = base * group["lr_multiplier"]
         group["weight_decay"] = weight_decay * group["wd_multiplier"]

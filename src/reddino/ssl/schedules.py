@@ -101,6 +101,7 @@ class SSLSchedules:
     teacher_temp_end: float
     teacher_temp_warmup_steps: int
     freeze_last_layer_steps: int
+    freeze_backbone_steps: int
 
     @classmethod
     def from_config(
@@ -119,6 +120,7 @@ class SSLSchedules:
         teacher_temp: float,
         warmup_teacher_temp_epochs: float,
         freeze_last_layer_epochs: float,
+        freeze_backbone_epochs: float,
     ) -> SSLSchedules:
         """Build from config values; `lr` is the already batch-scaled peak learning rate."""
         if total_steps <= 0 or epoch_length <= 0:
@@ -136,7 +138,13 @@ class SSLSchedules:
             teacher_temp_end=float(teacher_temp),
             teacher_temp_warmup_steps=epochs_to_steps(warmup_teacher_temp_epochs, epoch_length),
             freeze_last_layer_steps=epochs_to_steps(freeze_last_layer_epochs, epoch_length),
+            freeze_backbone_steps=epochs_to_steps(freeze_backbone_epochs, epoch_length),
         )
+        if not 0 <= schedules.freeze_backbone_steps < schedules.total_steps:
+            raise ValueError(
+                f"ssl.optim.freeze_backbone_epochs gives {schedules.freeze_backbone_steps} frozen steps; "
+                f"it must leave training steps in a {schedules.total_steps}-step run"
+            )
         schedules.lr(0)  # fail at build time if warmup does not fit in the run
         return schedules
 
@@ -156,6 +164,18 @@ class SSLSchedules:
             _check_step(step)
             return 0.0
         return self.lr(step)
+
+    def backbone_lr(self, step: int) -> float:
+        """The head warm-up: 0 while the backbone is frozen (the heads learn targets of the features the
+        run starts from), then `lr` ramped in linearly over the warmup length, so the backbone does not
+        meet the full rate the step it wakes up."""
+        _check_step(step)
+        if step < self.freeze_backbone_steps:
+            return 0.0
+        if self.freeze_backbone_steps == 0:
+            return self.lr(step)
+        ramp = (step - self.freeze_backbone_steps + 1) / max(1, self.warmup_steps)
+        return self.lr(step) * min(1.0, ramp)
 
     def weight_decay(self, step: int) -> float:
         return cosine_schedule(
@@ -186,6 +206,7 @@ class SSLSchedules:
         return {
             "lr": self.lr(step),
             "last_layer_lr": self.last_layer_lr(step),
+            "backbone_lr": self.backbone_lr(step),
             "weight_decay": self.weight_decay(step),
             "momentum": self.momentum(step),
             "teacher_temp": self.teacher_temp(step),

@@ -38,7 +38,7 @@ def ablation_bars(frame: pd.DataFrame, metric: str) -> Figure:
             for v, s in zip(jobs["variant"], jobs["seed"], strict=True)
         ]
     scored = frame[frame["status"] == "ok"]
-    ks = list(dict.fromkeys(scored["knn"]))
+    ks = list(dict.fromkeys(scored["probe"]))
     models = list(dict.fromkeys(scored["model"]))
     panels = max(len(ks), 1)
     fig = Figure(figsize=(1.2 + 1.1 * len(jobs) * panels, 4.2), layout="constrained")
@@ -47,7 +47,7 @@ def ablation_bars(frame: pd.DataFrame, metric: str) -> Figure:
     x = np.arange(len(jobs))
     for ax, k in zip(axes, ks or [None], strict=True):
         for i, model in enumerate(models):
-            rows = scored[(scored["knn"] == k) & (scored["model"] == model)].set_index("job")
+            rows = scored[(scored["probe"] == k) & (scored["model"] == model)].set_index("job")
             means = [100 * rows.at[j, f"{metric}_mean"] if j in rows.index else np.nan for j in jobs["job"]]
             stds = [100 * rows.at[j, f"{metric}_std"] if j in rows.index else np.nan for j in jobs["job"]]
             ax.bar(
@@ -58,7 +58,7 @@ def ablation_bars(frame: pd.DataFrame, metric: str) -> Figure:
                 capsize=2,
                 label=MODEL_LABELS.get(model, model),
             )
-        base = scored[(scored["axis"] == "baseline") & (scored["knn"] == k)]
+        base = scored[(scored["axis"] == "baseline") & (scored["probe"] == k)]
         base = base[base["model"] == "pretrained_teacher"]
         if len(base):
             ax.axhline(  # the mean over the baseline's seeds
@@ -79,9 +79,7 @@ def ablation_bars(frame: pd.DataFrame, metric: str) -> Figure:
 
 
 def probe_label(probe: str) -> str:
-    """``k=1`` (pretraining report) and ``knn1`` (reddino-eval) both read ``1-NN``."""
-    if probe.startswith("k=") and probe[2:].isdigit():
-        return f"{probe[2:]}-NN"
+    """``knn1`` reads ``1-NN``; other probes (``linear``) keep their name."""
     if probe.startswith("knn") and probe[3:].isdigit():
         return f"{probe[3:]}-NN"
     return probe
@@ -102,7 +100,7 @@ def results_table(
     """The paper's table: one row per model, columns (probe, metric) as "mean ± std" in %.
 
     ``results`` is ``{model: {probe: {metric: {"mean", "std"}}}}``, as in ``results.json`` of
-    reddino-pretrain (probes ``k=1``...) and reddino-eval (``linear``, ``knn1``...); a probe or metric
+    reddino-pretrain and reddino-eval (probes ``linear``, ``knn1``...); a probe or metric
     a model lacks gives an empty cell.
     """
     by_label = {

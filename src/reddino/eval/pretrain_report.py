@@ -1,0 +1,97 @@
+"""The report at the end of pretraining: the probes on the trained teacher and on the network it started
+from, on held-out labelled units, folds grouped by smear, plus the review figures (UMAP, PCA of patch
+tokens)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from reddino.data.datasets import LabelledUnitDataset, eval_transform
+from reddino.eval.features import extract_cls_features
+from reddino.eval.protocols import make_splits
+from reddino.eval.session import probes_description, score_feature_set
+from reddino.runtime.dashboard import save_figure
+
+
+def held_out_evaluation(
+    cfg: DictConfig, backbones: dict[str, torch.nn.Module]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], pd.DataFrame]:
+    """The probes of ``report.probes`` on held-out labelled units (a source unseen in pretraining),
+    folds stratified and grouped by smear/subject, scored as ``reddino-eval`` scores them.
+
+    Returns the report, each backbone's CLS features and the units they belong to.
+    """
+    r = cfg.report
+    units = instantiate(cfg.data.eval_units)
+    if r.max_units is not None and len(units) > r.max_units:
+        units = units.sample(n=r.max_units, random_state=cfg.seed).reset_index(drop=True)
+    classes = list(cfg.data.classes)
+    dataset = LabelledUnitDataset(
+        units, eval_transform(cfg.ssl.crops.global_size, cfg.augment.mean, cfg.augment.std), classes, 64
+    )
+    groups = units[r.group_by].to_numpy()
+    splits = make_splits("grouped_kfold", dataset.targets, groups, None, None, r.n_splits, cfg.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results: dict[str, Any] = {}
+    features: dict[str, torch.Tensor] = {}
+    for name, net in backbones.items():
+        features[name], labels = extract_cls_features(net, dataset, r.batch_size, 0, device)
+        results[name] = score_feature_set(features[name], labels, splits, classes, r.probes, scale=False)
+    report = {
+        "protocol": {
+            "units": len(units),
+            "sources": sorted(set(units["source"])),
+            "subjects": int(units["subject"].nunique()),
+            "groups": len(set(groups)),
+            "classes": classes,
+            "folds": f"{r.n_splits}-fold stratified, grouped by {r.group_by}",
+            "features": "raw final-norm CLS",
+            "probes": probes_description(r.probes),
+        },
+        "results": results,
+    }
+    return report, features, units
+
+
+def review_figures(
+    cfg: DictConfig, out: Path, teacher: torch.nn.Module, features: torch.Tensor, units: pd.DataFrame
+) -> dict[str, Path]:
+    """UMAP of the teacher's held-out features (by class | by subject) and the PCA map of its patch tokens."""
+    from reddino.data.io import read_rgb
+    from reddino.viz.pca import patch_pca, patch_tokens, pca_figure
+    from reddino.viz.umap import umap_embedding, umap_panels
+
+    f = cfg.report.figures
+    xy, idx = umap_embedding(features.numpy(), f.umap_max_points, cfg.seed)
+    picked = units.iloc[idx]
+    umap = umap_panels(
+        xy,
+        {"class": picked["label"].tolist(), "subject": picked["subject"].tolist()},
+        "teacher CLS, held out",
+    )
+    smear = read_rgb(units["file"].iloc[0])
+    h, w = smear.shape[:2]
+    side = min(f.pca_tile, h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    tile = smear[top : top + side, left : left + side]
+    tokens = patch_tokens(teacher.cpu(), tile, f.pca_size, cfg.augment.mean, cfg.augment.std)
+    pca = pca_figure(
+        tile,
+        patch_pca(tokens, None, f.pca_clip_percent),
+        f"teacher patch tokens: {Path(units['file'].iloc[0]).name}",
+    )
+    return {
+        "umap_teacher": save_figure(umap, out / "umap_teacher.png"),
+        "pca_patches": save_figure(pca, out / "pca_patches.png"),
+    }
+
+
+def flatten_scores(frame: pd.DataFrame) -> dict[str, float]:
+    """``<model>/<probe>/<metric>`` -> mean (the keys ``reddino-eval`` logs), from ``results_frame``."""
+    return {f"{r.model}/{r.probe}/{r.metric}": r.mean for r in frame.itertuples(index=False)}

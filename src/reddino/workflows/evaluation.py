@@ -1,0 +1,252 @@
+"""One evaluation run (``reddino-eval``): frozen features -> linear probe and k-NN under a protocol, plus
+batch-effect metrics, for a pretrained backbone and its baselines (random init, morphometrics).
+
+Features are computed once per (model, units) and cached (``reddino.eval.features``); every probe and
+fold reads the cache. Results go to ``results.json`` / ``results.md`` in the run directory and to the
+configured loggers (CSV; W&B offline by default, with per-class tables, confusion matrices and UMAPs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from reddino.data.datasets import LabelledUnitDataset, UnitDataset, eval_transform
+from reddino.eval.batch_effects import neighbour_source_mixing, source_predictability
+from reddino.eval.features import (
+    CachedFeatures,
+    extract_features,
+    feature_cache_path,
+    load_features,
+    save_features,
+    state_digest,
+)
+from reddino.eval.metrics import METRICS
+from reddino.eval.morphometrics import MORPHOMETRIC_NAMES, morphometric_features
+from reddino.eval.protocols import make_splits
+from reddino.eval.session import results_table, score_feature_set, standardise
+from reddino.runtime.config_checks import check_config, eval_rules
+from reddino.runtime.dashboard import confusion_figure, log_review, save_figure
+from reddino.weights import LoadedBackbone, build_from_config, load_backbone
+
+log = logging.getLogger("reddino.evaluate")
+MORPHOMETRICS_VERSION = "morphometrics-v1"
+
+
+def backbones(cfg: DictConfig) -> tuple[dict[str, torch.nn.Module], int, list[float], list[float]]:
+    """The backbones to compare, with the input size and normalisation they expect.
+
+    ``weights`` set: that export and the same architecture at a seeded random init; unset: only the
+    ``model`` config at random init.
+    """
+    torch.manual_seed(cfg.seed)
+    if cfg.weights is not None:
+        loaded: LoadedBackbone = load_backbone(cfg.weights)
+        config = {"architecture": loaded.architecture, "model_args": loaded.model_args}
+        nets = {"pretrained": loaded.model, "random_init": build_from_config(config)}
+        return nets, loaded.input_size, loaded.mean, loaded.std
+    net = instantiate(cfg.model)
+    return {"random_init": net}, int(cfg.model.img_size), list(cfg.features.mean), list(cfg.features.std)
+
+
+def backbone_features(
+    name: str,
+    net: torch.nn.Module,
+    units: pd.DataFrame,
+    classes: list[str],
+    cfg: DictConfig,
+    inputs: dict[str, Any],
+) -> CachedFeatures:
+    """Cached frozen features of ``net`` on ``units`` (computed by a Lightning predict pass on a miss).
+
+    ``inputs`` (size, mean, std) is what the network is fed; with the pooling and the label map it
+    keys the cache, so a change to any of them recomputes instead of reading stale features.
+    """
+    f = cfg.features
+    transform = eval_transform(inputs["size"], inputs["mean"], inputs["std"])
+    settings = {"pooling": f.pooling, **inputs, "classes": classes}
+    path = feature_cache_path(Path(f.cache_dir), f"{name}-{state_digest(net)}", units, settings)
+    if path.is_dir():
+        log.info("%s: features from cache %s", name, path)
+        return load_features(path)
+    dataset = LabelledUnitDataset(units, transform, classes, f.image_cache_size)
+    loader = DataLoader(dataset, batch_size=f.batch_size, shuffle=False, num_workers=f.num_workers)
+    trainer = pl.Trainer(
+        accelerator=f.accelerator,
+        devices=1,
+        logger=False,
+        enable_progress_bar=cfg.progress,
+        precision=f.precision,
+    )
+    feats, labels = extract_features(net, loader, f.pooling, trainer)
+    cached = CachedFeatures(feats.numpy(), labels.numpy(), units, {"model": name, **settings})
+    save_features(path, cached)
+    return cached
+
+
+def morphometric_table(units: pd.DataFrame, classes: list[str], cfg: DictConfig) -> CachedFeatures:
+    """Morphometric features of every unit's raw crop (cached like backbone features)."""
+    cache = Path(cfg.features.cache_dir)
+    path = feature_cache_path(cache, MORPHOMETRICS_VERSION, units, {"classes": classes})
+    if path.is_dir():
+        return load_features(path)
+    crops = UnitDataset(units, transform=lambda x: x, cache_size=cfg.features.image_cache_size)
+    rows = [morphometric_features(crops.crop(i)) for i in tqdm(range(len(crops)), disable=not cfg.progress)]
+    labels = units["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
+    cached = CachedFeatures(
+        np.stack(rows).astype(np.float32), labels, units, {"names": list(MORPHOMETRIC_NAMES)}
+    )
+    save_features(path, cached)
+    return cached
+
+
+def batch_effects(feats: CachedFeatures, cfg: DictConfig, scale: bool) -> dict[str, Any] | None:
+    """Source predictability and neighbour mixing; None when the units come from one source."""
+    b = cfg.batch_effects
+    sources = feats.units["source"].to_numpy()
+    if not b.enabled or len(set(sources)) < 2:
+        return None
+    x = torch.as_tensor(feats.features).float()
+    if scale:
+        x, _ = standardise(x, x[:1])
+    groups = feats.units[cfg.eval.group_by].to_numpy()
+    return {
+        "source_predictability": source_predictability(
+            x,
+            sources,
+            groups,
+            b.n_splits,
+            cfg.seed,
+            None,
+            cfg.probes.linear.max_iter,
+            cfg.probes.linear.device,
+        ),
+        "neighbour_mixing": neighbour_source_mixing(x, sources, min(b.k, len(x) - 1)),
+    }
+
+
+def umap_figure(
+    feats: CachedFeatures, column: str, title: str, path: Path, max_points: int, seed: int
+) -> Path:
+    """2-D UMAP of the features coloured by a units column, saved as PNG (``reddino.viz.umap``)."""
+    from reddino.viz.umap import umap_embedding, umap_panels
+
+    xy, idx = umap_embedding(feats.features, max_points, seed)
+    fig = umap_panels(xy, {column: feats.units[column].astype(str).to_numpy()[idx]}, title)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def log_everything(cfg: DictConfig, summary: dict[str, Any], figures: list[Path]) -> None:
+    """Scalars, config and summary to every logger; per-class F1 and confusion tables, confusion
+    matrices and UMAPs to W&B; every table and image is a file in the run directory first."""
+    out = Path(cfg.paths.output_dir)
+    flat = {
+        f"{fs}/{probe}/{m}": s[m]["mean"]
+        for fs, by_probe in summary["results"].items()
+        for probe, s in by_probe.items()
+        for m in METRICS
+    }
+    for fs, be in summary["batch_effects"].items():
+        if be is not None:
+            flat[f"{fs}/batch/source_bacc"] = be["source_predictability"]["balanced_accuracy"]
+            flat[f"{fs}/batch/mixing_ratio"] = be["neighbour_mixing"]["ratio"]
+    classes = summary["protocol"]["classes"]
+    tables: dict[str, pd.DataFrame] = {}
+    images = {p.stem: p for p in figures}
+    (out / "tables").mkdir(exist_ok=True)
+    for fs, by_probe in summary["results"].items():
+        for probe, s in by_probe.items():
+            key = f"{fs}/{probe}"
+            tables[f"{key}/per_class_f1"] = pd.DataFrame(
+                {"class": classes, "f1": [s["per_class_f1"][c] for c in classes]}
+            )
+            tables[f"{key}/confusion"] = pd.DataFrame(s["confusion"], columns=classes).assign(true=classes)
+            fig = confusion_figure(np.asarray(s["confusion"]), classes, f"{fs}, {probe}")
+            images[f"confusion_{fs}_{probe}"] = save_figure(fig, out / f"confusion_{fs}_{probe}.png")
+    for name, table in tables.items():
+        table.to_csv(out / "tables" / f"{name.replace('/', '__')}.csv", index=False)
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    log_review(loggers, OmegaConf.to_container(cfg, resolve=True), flat, tables, images, step=0)
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            lg.experiment.finish()
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate; returns what is written to ``results.json``."""
+    check_config(cfg, eval_rules())
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    units = instantiate(cfg.data.eval_units)
+    if cfg.max_units is not None and len(units) > cfg.max_units:
+        units = units.sample(n=cfg.max_units, random_state=cfg.seed).sort_index().reset_index(drop=True)
+    classes = list(cfg.data.classes)
+    nets, size, mean, std = backbones(cfg)
+    inputs = {"size": size, "mean": mean, "std": std}
+    sets: dict[str, tuple[CachedFeatures, bool]] = {}
+    for name, net in nets.items():
+        if name in cfg.feature_sets:
+            sets[name] = (backbone_features(name, net, units, classes, cfg, inputs), False)
+    if "morphometrics" in cfg.feature_sets:
+        sets["morphometrics"] = (morphometric_table(units, classes, cfg), True)
+    unknown = sorted(set(cfg.feature_sets) - set(sets))
+    if unknown:
+        raise ValueError(f'feature sets {unknown} unavailable ("pretrained" needs weights=<export dir>)')
+    e = cfg.eval
+    labels = next(iter(sets.values()))[0].labels
+    splits = make_splits(
+        e.protocol,
+        labels,
+        units[e.group_by].to_numpy() if e.group_by else None,
+        units["source"].to_numpy(),
+        units[e.split_column].to_numpy() if e.protocol == "fixed" else None,
+        e.n_splits,
+        cfg.seed,
+    )
+    results, effects, figures = {}, {}, []
+    for name, (feats, scale) in sets.items():
+        log.info("scoring %s (%d x %d) on %d splits", name, *feats.features.shape, len(splits))
+        x, y = torch.tensor(feats.features), torch.tensor(feats.labels)  # copies: the cache is read-only
+        results[name] = score_feature_set(x, y, splits, classes, cfg.probes, scale)
+        effects[name] = batch_effects(feats, cfg, scale)
+        if cfg.umap.enabled:
+            for column in cfg.umap.color_by:
+                path = out / f"umap_{name}_by_{column}.png"
+                figures.append(
+                    umap_figure(feats, column, f"{name} by {column}", path, cfg.umap.max_points, cfg.seed)
+                )
+    summary = {
+        "protocol": {
+            "name": e.protocol,
+            "splits": [s.name for s in splits],
+            "units": len(units),
+            "sources": sorted(set(units["source"])),
+            "groups": int(units[e.group_by].nunique()) if e.group_by else None,
+            "group_by": e.group_by,
+            "classes": classes,
+            "feature_pooling": cfg.features.pooling,
+            "weights": cfg.weights,
+        },
+        "results": results,
+        "batch_effects": effects,
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    table = results_table(results)
+    (out / "results.md").write_text(table + "\n")
+    print(f"\n{e.protocol} on {len(units)} units ({out}):\n{table}\n")
+    log_everything(cfg, summary, figures)
+    return summary
