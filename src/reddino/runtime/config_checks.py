@@ -43,6 +43,16 @@ def subset_of(*allowed: str, nonempty: bool = True) -> Rule:
     return rule
 
 
+def auto_or(rule: Rule) -> Rule:
+    """``auto`` (the data-size rule sets it when the run starts, reddino.ssl.data_size_rule) or ``rule``."""
+
+    def check(value: Any) -> str | None:
+        problem = None if value == "auto" else rule(value)
+        return None if problem is None else f"{problem} (or auto)"
+
+    return check
+
+
 def integer(minimum: int | None = None, optional: bool = False) -> Rule:
     def rule(value: Any) -> str | None:
         if value is None:
@@ -166,8 +176,11 @@ def pretrain_rules() -> dict[str, Rule]:
         "ssl.optim.freeze_backbone_epochs": number(minimum=0.0),
         "augment.n_global": one_of(N_GLOBAL_CROPS),  # the losses pair two global views
         "ssl.centering.method": one_of(*CENTERING_METHODS),
-        "ssl.head.n_prototypes": integer(minimum=2),
-        "ssl.head.ibot_n_prototypes": integer(minimum=2),
+        "ssl.head.n_prototypes": auto_or(integer(minimum=2)),
+        "ssl.head.ibot_n_prototypes": auto_or(integer(minimum=2)),
+        "ssl.teacher.teacher_temp": auto_or(number(minimum=0.0, exclusive=True)),
+        "ssl.teacher.warmup_teacher_temp": auto_or(number(minimum=0.0, exclusive=True)),
+        "ssl.teacher.momentum_teacher": auto_or(number(minimum=0.0)),
         "ssl.crops.global_size": integer(minimum=8),
         "ssl.crops.n_local": integer(minimum=0),
         "fast_path.enabled": one_of("auto", True, False),

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
@@ -31,6 +32,7 @@ from reddino.runtime.config_checks import (
 from reddino.runtime.dashboard import log_review
 from reddino.runtime.fast_path import FastPath, apply_global_switches, compile_blocks_, set_fused_attention_
 from reddino.runtime.run_dir import checkpoint_to_resume, logger_run_id
+from reddino.ssl.data_size_rule import apply_data_size_rule
 from reddino.ssl.export import export_timm
 from reddino.ssl.module import DinoV2Module
 from reddino.weights import init_backbone_, load_backbone
@@ -69,15 +71,21 @@ def build_module(cfg: DictConfig, backbone: torch.nn.Module, fast: FastPath | No
     )
 
 
-def build_training(cfg: DictConfig) -> tuple[PretrainDataModule, DinoV2Module, torch.nn.Module]:
-    """Datamodule, LightningModule (fast path applied) and a copy of the backbone as training starts."""
+def build_training(
+    cfg: DictConfig, units: pd.DataFrame | None = None
+) -> tuple[PretrainDataModule, DinoV2Module, torch.nn.Module]:
+    """Datamodule, LightningModule (fast path applied) and a copy of the backbone as training starts.
+
+    ``units``: the pretraining units when already read (``run`` reads them first for the data-size
+    rule); None reads ``data.pretrain_units``.
+    """
     fast = FastPath.from_config(cfg.fast_path, cfg.trainer.accelerator)
     apply_global_switches(fast)
     log.info("fast path: %s", fast)
     transform = instantiate(cfg.augment)
     datamodule = instantiate(
         cfg.data.loader,
-        units=instantiate(cfg.data.pretrain_units),
+        units=instantiate(cfg.data.pretrain_units) if units is None else units,
         transform=transform,
         # augment.pixel_ops_device: gpu -> the pixel ops + normalisation run on the device after the copy
         gpu_transform=transform.device_transform(),
@@ -115,12 +123,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = checkpoint_to_resume(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    units = instantiate(cfg.data.pretrain_units)
+    ruled = apply_data_size_rule(cfg, len(units))
+    if ruled:
+        log.info("data-size rule for %d units (docs/data_size_rule.md): %s", len(units), ruled)
     if rank_zero_only.rank == 0:  # DDP children re-run this script in the same directory
         first = not (out / "config.yaml").exists()  # a resumed run keeps the original beside its own
         name = "config.yaml" if first else f"config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
         (out / name).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    datamodule, module, initial = build_training(cfg)
+    datamodule, module, initial = build_training(cfg, units)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
@@ -130,6 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "teacher_rank_difference": module.teacher_rank_difference,
         "collapse_guard": collapse_diagnoses(trainer.callbacks),
         "knn_curve": knn_curve(trainer.callbacks),
+        "data_size_rule": {"units": len(units), "set": ruled},
     }
     teacher = final_teacher(trainer, module, initial)  # collective under FSDP: every rank calls it
     if trainer.is_global_zero:
