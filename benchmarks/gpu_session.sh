@@ -9,15 +9,22 @@
 #   bash benchmarks/gpu_session.sh tests        GPU tests: the fast path end to end, FSDP through Lightning
 #   bash benchmarks/gpu_session.sh throughput   ViT-S and ViT-B, model-bound and end to end, GPU-side augment
 #   STEPS=N bash benchmarks/gpu_session.sh pretrain   ViT-S from scratch on all patches, Chula 5-fold eval
+#   bash benchmarks/gpu_session.sh recipe       the GPU recipe (experiment=real_gpu_s, <= 10 min of training)
+#                                               then reddino-eval on Chula RBC-12 (teacher, random init,
+#                                               morphometrics); PRETRAIN_ARGS / EVAL_ARGS add overrides
+# NO_WHEELS=1 skips the wheel install (a machine with the full environment, e.g. the CPU toy-size test).
 # Everything lands in $OUT (logs, JSON figures, results.json of the run and of the evaluation).
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh tests|pretrain|scale}
+phase=${1:?usage: gpu_session.sh tests|throughput|pretrain|recipe}
 OUT=${OUT:-/tmp/reddino-gpu}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl || exit 1
+PYTHON=${PYTHON:-python3}
+if [ "${NO_WHEELS:-0}" != 1 ]; then
+  $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true
-export REDDINO_CACHE_DIR=$PWD/.gpu_data
+export REDDINO_CACHE_DIR=${REDDINO_CACHE_DIR:-$PWD/.gpu_data}
 # the [masked patches, 131072] iBOT tensors are ~11 GB each: without expandable segments the caching
 # allocator fragmented 42 GB on a ViT-S batch of 280 and ran out of memory (first attempt, 2026-11-22)
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -67,6 +74,25 @@ pretrain)
     hydra.run.dir=/tmp/eval_chula 2>&1 | grep -v -e Warning -e warn | tail -20 | tee -a "$log"
   cp /tmp/eval_chula/results.json "$OUT/eval_results.json"
   cp /tmp/eval_chula/results.md "$OUT/eval_results.md" 2>/dev/null
+  ;;
+recipe)
+  run=${RUN_DIR:-/tmp/pretrain_recipe}
+  echo "=== the GPU recipe: experiment=real_gpu_s, then Chula RBC-12 5-fold (grouped by image)" | tee -a "$log"
+  # shellcheck disable=SC2086  # PRETRAIN_ARGS / EVAL_ARGS are lists of overrides
+  timeout "${PRETRAIN_TIMEOUT:-900}" $PYTHON -m reddino.pretrain experiment=real_gpu_s logger=csv \
+    "data.loader.num_workers=$WORKERS" report.figures.enabled=false callbacks.knn_probe.enabled=true \
+    ${PRETRAIN_ARGS:-} "hydra.run.dir=$run" 2>&1 | grep -v -e Warning -e warn | tail -30 | tee -a "$log"
+  status=${PIPESTATUS[0]}
+  cp "$run/results.json" "$OUT/recipe_pretrain_results.json" || exit 1
+  cp "$run/csv/metrics.csv" "$OUT/recipe_metrics.csv"
+  cp "$run/config.yaml" "$OUT/recipe_config.yaml"
+  [ "$status" = 0 ] || exit "$status"
+  # shellcheck disable=SC2086
+  timeout "${EVAL_TIMEOUT:-300}" $PYTHON -m reddino.evaluate "weights=$run/export" data=real logger=csv \
+    progress=false "features.num_workers=$WORKERS" probes.linear.device=cuda umap.enabled=false \
+    ${EVAL_ARGS:-} "hydra.run.dir=$OUT/recipe_eval" 2>&1 | grep -v -e Warning -e warn | tail -20 | tee -a "$log"
+  status=${PIPESTATUS[0]}
+  [ "$status" = 0 ] || exit "$status"
   ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
