@@ -78,3 +78,54 @@ def test_grouped_kfold_never_splits_a_group():
         assert not set(groups[tr]) & set(groups[te])
     with pytest.raises(ValueError, match="at least 5 groups"):
         next(grouped_kfold(labels[:40], groups[:40], 5, seed=0))
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_one_search_for_every_k_equals_one_search_per_k(metric):
+    """knn_predict_many finds the max(ks) neighbours once; each k must vote as its own search would,
+    and the uniform-vote rule must equal scikit-learn's KNeighborsClassifier for every k."""
+    from reddino.eval.knn import knn_predict_many
+
+    rng = np.random.default_rng(7)
+    train = torch.from_numpy(rng.normal(size=(400, 12)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 5, 400))
+    test = torch.from_numpy(rng.normal(size=(150, 12)).astype(np.float32))
+    ks = [1, 5, 20]
+    many = knn_predict_many(train, labels, test, ks, 5, metric, 0.07, chunk_size=64)
+    for k in ks:
+        single = knn_predict(train, labels, test, k, 5, metric, 0.07, chunk_size=150)
+        assert torch.equal(many[k], single), k
+        if metric == "euclidean":
+            expected = (
+                KNeighborsClassifier(n_neighbors=k).fit(train.numpy(), labels.numpy()).predict(test.numpy())
+            )
+            assert (many[k].numpy() == expected).mean() > 0.99  # distance ties aside
+
+
+def test_degenerate_features_and_one_class_probes_are_flagged():
+    """A constant CLS (a random ViT with LayerScale 1e-5) or a probe stuck on one class gets a flag in
+    results.json and in the table instead of passing as a row of numbers."""
+    from reddino.eval.protocols import make_splits
+    from reddino.eval.session import degeneracy_warnings, results_table, score_feature_set
+
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(np.r_[np.zeros(70), np.ones(30)].astype(np.int64)[rng.permutation(100)])
+    groups = np.arange(100) % 10
+    splits = make_splits("grouped_kfold", labels.numpy(), groups, None, None, 5, 0)
+    probes = {
+        "linear": {"enabled": False},
+        "knn": {"enabled": True, "ks": [1, 20], "metric": "euclidean", "temperature": 0.07, "chunk_size": 64},
+    }
+    informative = torch.from_numpy(rng.normal(size=(100, 8)).astype(np.float32)) + 3 * labels[:, None]
+    constant = torch.full((100, 8), 5.0) + 1e-5 * torch.randn(100, 8)
+    results = {
+        "good": score_feature_set(informative, labels, splits, ["a", "b"], probes, False),
+        "flat": score_feature_set(constant, labels, splits, ["a", "b"], probes, False),
+    }
+    assert results["good"]["knn1"]["flags"] == []
+    assert results["flat"]["knn1"]["flags"][0].startswith("constant_features")
+    assert any(f.startswith("predicts_one_class") for f in results["flat"]["knn20"]["flags"])
+    warnings = degeneracy_warnings(results)
+    assert warnings and all(w.startswith("flat / ") for w in warnings)
+    table = results_table(results)
+    assert "| flags |" in table.splitlines()[0] and "constant_features" in table

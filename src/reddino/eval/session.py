@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from reddino.eval.knn import knn_predict
+from reddino.eval.knn import knn_predict_many
 from reddino.eval.linear import reference_C, sklearn_linear_probe, torch_linear_probe
 from reddino.eval.metrics import METRICS, classification_metrics, confusion_matrix
 from reddino.eval.protocols import Split
@@ -49,10 +49,11 @@ def probe_predictions(
             )
     knn = probes["knn"]
     if knn["enabled"]:
-        for k in knn["ks"]:
-            out[f"knn{k}"] = knn_predict(
-                x_tr, y[tr], x_te, int(k), num_classes, knn["metric"], knn["temperature"], knn["chunk_size"]
-            )
+        ks = [int(k) for k in knn["ks"]]
+        by_k = knn_predict_many(
+            x_tr, y[tr], x_te, ks, num_classes, knn["metric"], knn["temperature"], knn["chunk_size"]
+        )
+        out.update({f"knn{k}": by_k[k] for k in ks})
     return out
 
 
@@ -84,6 +85,7 @@ def score_feature_set(
                 per_probe.setdefault(probe, {}).setdefault(metric, []).append(value)
             previous = confusion.get(probe, torch.zeros(n, n, dtype=torch.long))
             confusion[probe] = previous + confusion_matrix(truth, pred, n)
+    feature_flags = feature_degeneracy(x)
     return {
         probe: {
             **{
@@ -93,9 +95,50 @@ def score_feature_set(
             "per_class_f1": dict(zip(classes, per_class_f1(confusion[probe]), strict=True)),
             "confusion": confusion[probe].tolist(),
             "n_test": int(confusion[probe].sum()),
+            "flags": feature_flags + prediction_degeneracy(confusion[probe]),
         }
         for probe, metrics in per_probe.items()
     }
+
+
+#: A probe whose most frequent prediction covers at least this share of the test units, and clearly more
+#: than that class's true share, "predicts one class" (the majority-class fallback of a failed fit).
+ONE_CLASS_SHARE = 0.95
+ONE_CLASS_EXCESS = 0.1
+#: Features whose typical per-dimension spread is below this fraction of their typical magnitude are
+#: "constant" (a random ViT with LayerScale 1e-5 gives an almost input-independent CLS).
+MIN_RELATIVE_SPREAD = 1e-2
+
+
+def feature_degeneracy(features: torch.Tensor) -> list[str]:
+    """``["constant_features (...)"]`` when the features hardly vary across units, else ``[]``."""
+    x = features.float()
+    spread = float(x.std(0).median())
+    scale = float(x.abs().median()) + 1e-12
+    if spread < MIN_RELATIVE_SPREAD * scale:
+        return [f"constant_features (median spread {spread:.2g} vs magnitude {scale:.2g})"]
+    return []
+
+
+def prediction_degeneracy(confusion: torch.Tensor) -> list[str]:
+    """``["predicts_one_class (...)"]`` when nearly every test unit gets the same class, more than truly
+    belong to it, else ``[]``."""
+    predicted, truth = confusion.sum(0), confusion.sum(1)
+    total = int(predicted.sum())
+    top, cls = int(predicted.max()), int(predicted.argmax())
+    if total and top >= ONE_CLASS_SHARE * total and top >= int(truth[cls]) + ONE_CLASS_EXCESS * total:
+        return [f"predicts_one_class ({top} of {total} test units as class {cls})"]
+    return []
+
+
+def degeneracy_warnings(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per flagged (feature set, probe), for the log: a flagged row is not a result."""
+    return [
+        f"{name} / {probe}: {'; '.join(scores['flags'])}"
+        for name, by_probe in results.items()
+        for probe, scores in by_probe.items()
+        if scores.get("flags")
+    ]
 
 
 def results_table(results: Mapping[str, Mapping[str, Any]], row_label: str = "features") -> str:
@@ -106,8 +149,14 @@ def results_table(results: Mapping[str, Mapping[str, Any]], row_label: str = "fe
             row = {row_label: feature_set, "probe": probe}
             for m in METRICS:
                 row[m] = f"{100 * scores[m]['mean']:.1f} ± {100 * scores[m]['std']:.1f}"
+            row["flags"] = ", ".join(f.split(" ")[0] for f in scores.get("flags", []))
             rows.append(row)
-    return markdown_table(pd.DataFrame(rows)) if rows else "(no classification probe enabled)"
+    if not rows:
+        return "(no classification probe enabled)"
+    table = pd.DataFrame(rows)
+    if not table["flags"].any():
+        table = table.drop(columns="flags")
+    return markdown_table(table)
 
 
 def results_frame(results: Mapping[str, Mapping[str, Any]], row_label: str = "features") -> pd.DataFrame:

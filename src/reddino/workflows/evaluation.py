@@ -36,7 +36,7 @@ from reddino.eval.features import (
 from reddino.eval.metrics import METRICS
 from reddino.eval.morphometrics import MORPHOMETRIC_NAMES, morphometric_features
 from reddino.eval.protocols import make_splits
-from reddino.eval.session import results_table, score_feature_set, standardise
+from reddino.eval.session import degeneracy_warnings, results_table, score_feature_set, standardise
 from reddino.runtime.config_checks import check_config, eval_rules
 from reddino.runtime.dashboard import confusion_figure, log_review, save_figure
 from reddino.weights import LoadedBackbone, build_from_config, load_backbone
@@ -245,6 +245,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "batch_effects": effects,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
+    for warning in degeneracy_warnings(results):
+        log.warning("degenerate: %s", warning)
     table = results_table(results)
     (out / "results.md").write_text(table + "\n")
     print(f"\n{e.protocol} on {len(units)} units ({out}):\n{table}\n")

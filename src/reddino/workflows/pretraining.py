@@ -22,7 +22,7 @@ from reddino.callbacks import collapse_diagnoses, knn_curve
 from reddino.data.datamodules import PretrainDataModule
 from reddino.data.masking import SSLCollator
 from reddino.eval.pretrain_report import flatten_scores, held_out_evaluation, review_figures
-from reddino.eval.session import results_frame, results_table
+from reddino.eval.session import degeneracy_warnings, results_frame, results_table
 from reddino.runtime.config_checks import (
     check_config,
     check_crop_sizes,
@@ -159,6 +159,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 cfg, {"pretrained_teacher": teacher, initial_name: initial}
             )
             summary.update(report)
+            for warning in degeneracy_warnings(report["results"]):
+                log.warning("degenerate: %s", warning)
             table = results_table(report["results"], row_label="model")
             (out / "results.md").write_text(table + "\n")
             frame = results_frame(report["results"], row_label="model")
