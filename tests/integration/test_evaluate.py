@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -98,7 +99,7 @@ def test_eval_kfold_with_baselines_batch_effects_and_wandb(make_cfg, exported, t
     assert again["results"]["pretrained"]["knn1"] == summary["results"]["pretrained"]["knn1"]
 
 
-def test_eval_loso_and_missing_weights(make_cfg):
+def test_eval_loso_and_missing_weights(make_cfg, tmp_path):
     cfg = make_cfg(
         "eval=loso",
         *SMALL_DATA,
@@ -116,5 +117,30 @@ def test_eval_loso_and_missing_weights(make_cfg):
     assert summary["protocol"]["splits"] == ["loso:src2", "loso:src3", "loso:src4"]
     assert set(summary["results"]["random_init"]) == {"knn1", "knn20"}
     cfg.feature_sets = ["pretrained"]
-    with pytest.raises(ValueError, match="needs weights"):
+    cfg.pretrain_runs = str(tmp_path / "no-runs-here")
+    with pytest.raises(FileNotFoundError, match=r"no weights given and no pretraining run .*pass weights="):
         run(cfg)
+
+
+def test_a_bare_eval_takes_the_newest_pretraining_export(make_cfg, exported, tmp_path, capsys):
+    folder, _ = exported
+    runs = tmp_path / "outputs" / "pretrain"
+    for stamp in ("2026-01-01_00-00-00", "2026-02-01_00-00-00"):
+        shutil.copytree(folder, runs / stamp / "export")
+    (runs / "2026-03-01_00-00-00").mkdir()  # newer, but crashed before its export: not a candidate
+    cfg = make_cfg(
+        *SMALL_DATA,
+        f"pretrain_runs={runs}",
+        "feature_sets=[pretrained]",
+        "max_units=120",
+        "probes.linear.enabled=false",
+        "batch_effects.enabled=false",
+        "umap.enabled=false",
+        "logger=csv",
+        "progress=false",
+        config_name="eval",
+    )
+    summary = run(cfg)
+    newest = str(runs / "2026-02-01_00-00-00" / "export")
+    assert summary["protocol"]["weights"] == newest
+    assert f"weights={newest}" in capsys.readouterr().out

@@ -45,20 +45,43 @@ log = logging.getLogger("reddino.evaluate")
 MORPHOMETRICS_VERSION = "morphometrics-v1"
 
 
-def backbones(cfg: DictConfig) -> tuple[dict[str, torch.nn.Module], int, list[float], list[float]]:
+def resolve_weights(cfg: DictConfig) -> str | None:
+    """``weights``, or with none given (a bare ``make eval``) the newest pretraining run's export."""
+    if cfg.weights is not None or "pretrained" not in cfg.feature_sets:
+        return cfg.weights
+    weights = str(newest_export(Path(cfg.pretrain_runs)))
+    log.info("no weights given: evaluating the newest pretraining run's export %s", weights)
+    print(f"reddino-eval: no weights given, evaluating the newest pretraining run: weights={weights}")
+    return weights
+
+
+def backbones(
+    cfg: DictConfig, weights: str | None
+) -> tuple[dict[str, torch.nn.Module], int, list[float], list[float]]:
     """The backbones to compare, with the input size and normalisation they expect.
 
     ``weights`` set: that export and the same architecture at a seeded random init; unset: only the
     ``model`` config at random init.
     """
     torch.manual_seed(cfg.seed)
-    if cfg.weights is not None:
-        loaded: LoadedBackbone = load_backbone(cfg.weights)
+    if weights is not None:
+        loaded: LoadedBackbone = load_backbone(weights)
         config = {"architecture": loaded.architecture, "model_args": loaded.model_args}
         nets = {"pretrained": loaded.model, "random_init": build_from_config(config)}
         return nets, loaded.input_size, loaded.mean, loaded.std
     net = instantiate(cfg.model)
     return {"random_init": net}, int(cfg.model.img_size), list(cfg.features.mean), list(cfg.features.std)
+
+
+def newest_export(runs: Path) -> Path:
+    """The export folder of the newest run under ``runs`` (timestamped names sort by time)."""
+    exports = sorted(p.parent for p in runs.glob("*/export/config.json")) if runs.is_dir() else []
+    if not exports:
+        raise FileNotFoundError(
+            f"no weights given and no pretraining run with an export under {runs}: pass weights=<export "
+            "dir or .ckpt> (or feature_sets=[random_init,morphometrics]), or run `make pretrain` first"
+        )
+    return exports[-1]
 
 
 def backbone_features(
@@ -195,7 +218,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.max_units is not None and len(units) > cfg.max_units:
         units = units.sample(n=cfg.max_units, random_state=cfg.seed).sort_index().reset_index(drop=True)
     classes = list(cfg.data.classes)
-    nets, size, mean, std = backbones(cfg)
+    weights = resolve_weights(cfg)
+    nets, size, mean, std = backbones(cfg, weights)
     inputs = {"size": size, "mean": mean, "std": std}
     sets: dict[str, tuple[CachedFeatures, bool]] = {}
     for name, net in nets.items():
@@ -239,7 +263,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "group_by": e.group_by,
             "classes": classes,
             "feature_pooling": cfg.features.pooling,
-            "weights": cfg.weights,
+            "weights": weights,
         },
         "results": results,
         "batch_effects": effects,
