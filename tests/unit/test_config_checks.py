@@ -101,3 +101,10 @@ def test_a_crop_that_is_not_whole_patches_is_refused(make_cfg):
     message = r"ssl\.crops\.local_size=96: not a multiple of model\.patch_size=14"
     with pytest.raises(ConfigError, match=message):
         check_crop_sizes(cfg)
+
+
+def test_an_experiment_can_require_an_option(make_cfg, tmp_path):
+    cfg = make_cfg("experiment=continue_real_cpu")
+    with pytest.raises(ConfigError, match=r"init is required here .*set init=\.\.\."):
+        check_config(cfg, pretrain_rules())
+    check_config(make_cfg("experiment=continue_real_cpu", f"init={tmp_path}"), pretrain_rules())

@@ -128,6 +128,7 @@ def build(**overrides) -> SSLSchedules:
         warmup_teacher_temp_epochs=3,
         freeze_last_layer_epochs=1.5,
         freeze_backbone_epochs=0,
+        backbone_lr_mult=1.0,
     )
     cfg.update(overrides)
     return SSLSchedules.from_config(**cfg)
@@ -188,6 +189,7 @@ def test_reddino_small_run():
         warmup_teacher_temp_epochs=30,
         freeze_last_layer_epochs=0,
         freeze_backbone_epochs=0,
+        backbone_lr_mult=1.0,
     )
     assert s.warmup_steps == 320 and s.teacher_temp_warmup_steps == 96000
     assert s.lr(0) == 0.0 and s.last_layer_lr(0) == 0.0
@@ -210,5 +212,7 @@ def test_backbone_lr_is_zero_while_frozen_then_ramps_in():
     assert all(s.backbone_lr(t) == pytest.approx(s.lr(t)) for t in range(27, 60))
     assert build().backbone_lr(5) == build().lr(5)  # no warm-up: the backbone follows lr
     assert s.values(3)["backbone_lr"] == 0.0
+    slow = build(freeze_backbone_epochs=2, backbone_lr_mult=0.25)
+    assert slow.backbone_lr(40) == pytest.approx(0.25 * slow.lr(40)) and slow.lr(40) == s.lr(40)
     with pytest.raises(ValueError, match="freeze_backbone_epochs"):
         build(freeze_backbone_epochs=6)  # the whole run frozen

@@ -95,7 +95,11 @@ def _lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
 def check_config(cfg: DictConfig | Mapping[str, Any], rules: Mapping[str, Rule]) -> None:
     """Raise ``ConfigError`` listing every option of ``rules`` whose value breaks its rule."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    problems = []
+    problems = [
+        f"{option} is required here (the config's `required` list): set {option}=..."
+        for option in plain.get("required") or []
+        if _lookup(plain, option) in (None, MISSING)
+    ]
     for option, rule in rules.items():
         value = _lookup(plain, option)
         if value is MISSING:
@@ -174,6 +178,7 @@ def pretrain_rules() -> dict[str, Rule]:
         "ssl.optim.epoch_length": integer(minimum=1),
         "ssl.optim.base_lr": number(minimum=0.0, exclusive=True),
         "ssl.optim.freeze_backbone_epochs": number(minimum=0.0),
+        "ssl.optim.backbone_lr_mult": number(minimum=0.0),
         "augment.n_global": one_of(N_GLOBAL_CROPS),  # the losses pair two global views
         "ssl.centering.method": one_of(*CENTERING_METHODS),
         "ssl.head.n_prototypes": auto_or(integer(minimum=2)),

@@ -19,6 +19,8 @@ USER_ERROR_EXIT = 2
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that describe bad input (files, options, weights, data), not a bug in reddino."""
+    from omegaconf.errors import MissingMandatoryValue
+
     from reddino.data.io import BadImageError
     from reddino.data.sources.download import DatasetUnavailableError
     from reddino.run_specs import UntrustedConfigError
@@ -27,6 +29,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         ConfigError,
+        MissingMandatoryValue,
         UntrustedConfigError,
         BadImageError,
         DatasetUnavailableError,

@@ -133,6 +133,7 @@ class DinoV2Module(pl.LightningModule):
             warmup_teacher_temp_epochs=t["warmup_teacher_temp_epochs"],
             freeze_last_layer_epochs=o["freeze_last_layer_epochs"],
             freeze_backbone_epochs=o["freeze_backbone_epochs"],
+            backbone_lr_mult=o["backbone_lr_mult"],
         )
 
     def setup(self, stage: str) -> None:

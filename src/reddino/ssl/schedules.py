@@ -102,6 +102,7 @@ class SSLSchedules:
     teacher_temp_warmup_steps: int
     freeze_last_layer_steps: int
     freeze_backbone_steps: int
+    backbone_lr_mult: float
 
     @classmethod
     def from_config(
@@ -121,6 +122,7 @@ class SSLSchedules:
         warmup_teacher_temp_epochs: float,
         freeze_last_layer_epochs: float,
         freeze_backbone_epochs: float,
+        backbone_lr_mult: float,
     ) -> SSLSchedules:
         """Build from config values; `lr` is the already batch-scaled peak learning rate."""
         if total_steps <= 0 or epoch_length <= 0:
@@ -139,6 +141,7 @@ class SSLSchedules:
             teacher_temp_warmup_steps=epochs_to_steps(warmup_teacher_temp_epochs, epoch_length),
             freeze_last_layer_steps=epochs_to_steps(freeze_last_layer_epochs, epoch_length),
             freeze_backbone_steps=epochs_to_steps(freeze_backbone_epochs, epoch_length),
+            backbone_lr_mult=float(backbone_lr_mult),
         )
         if not 0 <= schedules.freeze_backbone_steps < schedules.total_steps:
             raise ValueError(
@@ -167,15 +170,16 @@ class SSLSchedules:
 
     def backbone_lr(self, step: int) -> float:
         """The head warm-up: 0 while the backbone is frozen (the heads learn targets of the features the
-        run starts from), then `lr` ramped in linearly over the warmup length, so the backbone does not
-        meet the full rate the step it wakes up."""
+        run starts from), then `lr` x ``backbone_lr_mult`` ramped in linearly over the warmup length, so
+        the backbone does not meet the full rate the step it wakes up."""
         _check_step(step)
         if step < self.freeze_backbone_steps:
             return 0.0
+        lr = self.lr(step) * self.backbone_lr_mult
         if self.freeze_backbone_steps == 0:
-            return self.lr(step)
+            return lr
         ramp = (step - self.freeze_backbone_steps + 1) / max(1, self.warmup_steps)
-        return self.lr(step) * min(1.0, ramp)
+        return lr * min(1.0, ramp)
 
     def weight_decay(self, step: int) -> float:
         return cosine_schedule(
