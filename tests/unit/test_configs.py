@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from reddino.ssl.data_size_rule import apply_data_size_rule
 from reddino.workflows.pretraining import build_collator, build_module
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -47,6 +48,7 @@ def test_group_option_composes_and_resolves(make_cfg, override):
 def test_experiment_instantiates(make_cfg, experiment):
     cfg = make_cfg(f"experiment={experiment}")
     OmegaConf.to_container(cfg, resolve=True)
+    apply_data_size_rule(cfg, 31_723)  # what reddino-pretrain does with the units it reads (auto values)
     with torch.device("meta"):  # full-size ViT-g + 131072-prototype heads without allocating memory
         backbone = instantiate(cfg.model)
         module = build_module(cfg, backbone)

@@ -32,7 +32,7 @@ from reddino.runtime.config_checks import (
 from reddino.runtime.dashboard import log_review
 from reddino.runtime.fast_path import FastPath, apply_global_switches, compile_blocks_, set_fused_attention_
 from reddino.runtime.run_dir import checkpoint_to_resume, logger_run_id
-from reddino.ssl.data_size_rule import apply_data_size_rule
+from reddino.ssl.data_size_rule import AUTO, RULED_KEYS, apply_data_size_rule
 from reddino.ssl.export import export_timm
 from reddino.ssl.module import DinoV2Module
 from reddino.weights import init_backbone_, load_backbone
@@ -57,6 +57,9 @@ def build_collator(cfg: DictConfig) -> SSLCollator:
 def build_module(cfg: DictConfig, backbone: torch.nn.Module, fast: FastPath | None = None) -> DinoV2Module:
     """The LightningModule; ``fast`` (default: the plain path) decides fused AdamW and the teacher's mode."""
     s = cfg.ssl
+    unresolved = [key for key in RULED_KEYS if OmegaConf.select(cfg, key) == AUTO]
+    if unresolved:
+        raise ValueError(f"{unresolved} are auto: apply the data-size rule first (apply_data_size_rule)")
     fast = fast or FastPath.from_config({**cfg.fast_path, "enabled": False}, "cpu")
     return DinoV2Module(
         backbone,
