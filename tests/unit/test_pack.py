@@ -152,7 +152,7 @@ def test_cli_packs_with_the_hydra_config(prepared: Path, tmp_path: Path):
     overrides = [f"prepared_dir={prepared}", f"out={out}", "quality=80", "manifests=[union]", "workers=1"]
     overrides += ["progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(
-        [sys.executable, "-m", "reddino.data.pack", *overrides], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "reddino.pack", *overrides], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr
     assert "images packed: 3" in done.stdout
