@@ -44,7 +44,7 @@ def main() -> None:
     images = datamodule.batch_size
     step_ms = sum(times.values())
     print(f"# step time, {device} ({platform.processor() or platform.machine()}), {date.today()}")
-    print(f"overrides: {args.overrides}; batch {images} units x {cfg.ssl.crops.n_global} global crops")
+    print(f"overrides: {args.overrides}; batch {images} units x {cfg.augment.n_global} global crops")
     print(f"threads {torch.get_num_threads()}, loader workers {cfg.data.loader.num_workers}")
     for name in PIECES:
         ms = times[name]

@@ -147,7 +147,7 @@ def measure(args: argparse.Namespace, overrides: list[str], modes: list[str], fl
         "overrides": overrides,
         "fast_path": fast.__dict__,
         "batch": batch,
-        "global_crops": int(cfg.ssl.crops.n_global),
+        "global_crops": int(cfg.augment.n_global),
         "local_crops": int(cfg.ssl.crops.n_local),
         "loader_workers": int(cfg.data.loader.num_workers),
         "flops_per_step": flops,
@@ -157,7 +157,7 @@ def measure(args: argparse.Namespace, overrides: list[str], modes: list[str], fl
     }
     print(f"# throughput, {device} ({name}), {date.today()}, torch {torch.__version__}")
     print(f"overrides: {overrides}")
-    print(f"batch {batch} x {cfg.ssl.crops.n_global} global crops, fast path {fast}")
+    print(f"batch {batch} x {cfg.augment.n_global} global crops, fast path {fast}")
     print(f"model FLOPs: {flops / 1e12:.3f} TFLOP per step, {flops / batch / 1e9:.2f} GFLOP per image")
 
     step = 0

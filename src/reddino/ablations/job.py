@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import reddino.runtime.resolvers  # noqa: F401  (registers the config resolvers)
 from reddino.ablations import ERROR_FILE
 from reddino.runtime.paths import CONFIG_PATH
 from reddino.workflows.pretraining import run
