@@ -195,7 +195,7 @@ class KnnProbe(pl.Callback):
         self.curve: list[dict[str, float]] = []
         self._images: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
-        self._groups: np.ndarray | None = None
+        self._splits: list | None = None  # the grouped folds, fixed for the whole run
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.enabled or self._images is not None:
@@ -205,6 +205,7 @@ class KnnProbe(pl.Callback):
         from hydra.utils import instantiate
 
         from reddino.data.datasets import LabelledUnitDataset
+        from reddino.eval.protocols import make_splits
 
         units = instantiate(self.units_config)
         if len(units) > self.max_units:
@@ -221,17 +222,24 @@ class KnnProbe(pl.Callback):
             0, 3, 1, 2
         )
         self._labels = torch.tensor(dataset.targets)
-        self._groups = units[self.group_by].to_numpy()
+        self._splits = make_splits(
+            "grouped_kfold",
+            dataset.targets,
+            units[self.group_by].to_numpy(),
+            None,
+            None,
+            self.n_splits,
+            self.seed,
+        )
         log.info("k-NN probe: %d held-out units, every %d steps", len(units), self.every_n_steps)
 
     @torch.no_grad()
     def score(self, backbone: torch.nn.Module, device: torch.device) -> dict[str, float]:
         """Weighted F1 in percent per k, mean over the grouped folds."""
         from reddino.eval.features import pool_tokens
-        from reddino.eval.protocols import make_splits
         from reddino.eval.session import score_feature_set
 
-        assert self._images is not None and self._labels is not None and self._groups is not None
+        assert self._images is not None and self._labels is not None and self._splits is not None
         was_training = backbone.training
         backbone.eval()
         feats = []
@@ -239,11 +247,10 @@ class KnnProbe(pl.Callback):
             batch = (self._images[start : start + self.batch_size].float() - self.mean) / self.std
             feats.append(pool_tokens(backbone, batch.to(device), "cls").float().cpu())
         backbone.train(was_training)
-        splits = make_splits(
-            "grouped_kfold", self._labels.numpy(), self._groups, None, None, self.n_splits, self.seed
-        )
         probes = {"linear": {"enabled": False}, "knn": {**self.knn, "enabled": True}}
-        scores = score_feature_set(torch.cat(feats), self._labels, splits, self.classes, probes, scale=False)
+        scores = score_feature_set(
+            torch.cat(feats), self._labels, self._splits, self.classes, probes, scale=False
+        )
         return {f"knn{k}_weighted_f1": 100.0 * scores[f"knn{k}"]["weighted_f1"]["mean"] for k in self.ks}
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -90,8 +90,3 @@ def review_figures(
         "umap_teacher": save_figure(umap, out / "umap_teacher.png"),
         "pca_patches": save_figure(pca, out / "pca_patches.png"),
     }
-
-
-def flatten_scores(frame: pd.DataFrame) -> dict[str, float]:
-    """``<model>/<probe>/<metric>`` -> mean (the keys ``reddino-eval`` logs), from ``results_frame``."""
-    return {f"{r.model}/{r.probe}/{r.metric}": r.mean for r in frame.itertuples(index=False)}

@@ -171,6 +171,16 @@ def results_frame(results: Mapping[str, Mapping[str, Any]], row_label: str = "fe
     )
 
 
+def flat_scores(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """``<feature set>/<probe>/<metric>`` -> mean over folds: the scalars every run logs."""
+    return {
+        f"{name}/{probe}/{m}": s[m]["mean"]
+        for name, by_probe in results.items()
+        for probe, s in by_probe.items()
+        for m in METRICS
+    }
+
+
 def probes_description(probes: Mapping[str, Any]) -> dict[str, str]:
     """How each probe family works, for the protocol section of a report."""
     out = {}

@@ -33,12 +33,18 @@ from reddino.eval.features import (
     save_features,
     state_digest,
 )
-from reddino.eval.metrics import METRICS
 from reddino.eval.morphometrics import MORPHOMETRIC_NAMES, morphometric_features
 from reddino.eval.protocols import make_splits
-from reddino.eval.session import degeneracy_warnings, results_table, score_feature_set, standardise
+from reddino.eval.session import (
+    degeneracy_warnings,
+    flat_scores,
+    results_table,
+    score_feature_set,
+    standardise,
+)
 from reddino.runtime.config_checks import check_config, eval_rules
 from reddino.runtime.dashboard import confusion_figure, log_review, save_figure
+from reddino.viz.runs import latest_run
 from reddino.weights import LoadedBackbone, build_from_config, load_backbone
 
 log = logging.getLogger("reddino.evaluate")
@@ -74,14 +80,14 @@ def backbones(
 
 
 def newest_export(runs: Path) -> Path:
-    """The export folder of the newest run under ``runs`` (timestamped names sort by time)."""
-    exports = sorted(p.parent for p in runs.glob("*/export/config.json")) if runs.is_dir() else []
-    if not exports:
+    """The export folder of the newest run under ``runs`` (as ``make figures`` picks its run)."""
+    try:
+        return latest_run(runs, "export/config.json") / "export"
+    except FileNotFoundError:
         raise FileNotFoundError(
             f"no weights given and no pretraining run with an export under {runs}: pass weights=<export "
             "dir or .ckpt> (or feature_sets=[random_init,morphometrics]), or run `make pretrain` first"
-        )
-    return exports[-1]
+        ) from None
 
 
 def backbone_features(
@@ -176,12 +182,7 @@ def log_everything(cfg: DictConfig, summary: dict[str, Any], figures: list[Path]
     """Scalars, config and summary to every logger; per-class F1 and confusion tables, confusion
     matrices and UMAPs to W&B; every table and image is a file in the run directory first."""
     out = Path(cfg.paths.output_dir)
-    flat = {
-        f"{fs}/{probe}/{m}": s[m]["mean"]
-        for fs, by_probe in summary["results"].items()
-        for probe, s in by_probe.items()
-        for m in METRICS
-    }
+    flat = flat_scores(summary["results"])
     for fs, be in summary["batch_effects"].items():
         if be is not None:
             flat[f"{fs}/batch/source_bacc"] = be["source_predictability"]["balanced_accuracy"]

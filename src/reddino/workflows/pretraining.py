@@ -21,8 +21,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from reddino.callbacks import collapse_diagnoses, knn_curve
 from reddino.data.datamodules import PretrainDataModule
 from reddino.data.masking import SSLCollator
-from reddino.eval.pretrain_report import flatten_scores, held_out_evaluation, review_figures
-from reddino.eval.session import degeneracy_warnings, results_frame, results_table
+from reddino.eval.pretrain_report import held_out_evaluation, review_figures
+from reddino.eval.session import degeneracy_warnings, flat_scores, results_frame, results_table
 from reddino.runtime.config_checks import (
     check_config,
     check_crop_sizes,
@@ -176,7 +176,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log_review(
                 trainer.loggers,
                 OmegaConf.to_container(cfg, resolve=True),
-                flatten_scores(frame),
+                flat_scores(report["results"]),
                 {"results": frame},
                 images,
                 step=trainer.global_step,
