@@ -237,3 +237,14 @@ def test_seeds_pair_each_variant_with_the_baseline_of_the_same_seed(tmp_path):
         in md
     )
     assert "| 1 | koleo | KoLeo 0.1 | 0 | 100 |" in md  # each job against its own seed's baseline
+
+
+def test_sweep_grids_live_in_their_own_group_and_set_only_the_sweeper(compose):
+    """conf/sweep/ holds the grids; an experiment picks one, and the sweep adds no run setting."""
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    assert not any("sweeper" in p.read_text() for p in (conf / "experiment").glob("*.yaml"))
+    for grid in sorted(p.stem for p in (conf / "sweep").glob("*.yaml")):
+        plain, swept = compose("experiment=embedded"), compose("experiment=embedded", f"sweep={grid}")
+        assert not _changed(plain, swept), f"sweep={grid} changes run settings"
+        names = compose("experiment=embedded", f"sweep={grid}", hydra=True).hydra.sweeper.params.ablation
+        assert set(names.split(",")) <= set(VARIANTS)
