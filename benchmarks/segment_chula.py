@@ -40,10 +40,9 @@ from reddino.data.segment import (
     resolve_cellpose_weights,
 )
 
-# Chosen with --tune on TUNE_IDS (see segment_chula.md); read from conf/prepare.yaml, which carries them.
-CLASSICAL_PARAMS: dict[str, Any] = OmegaConf.to_container(
-    OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "prepare.yaml").segmentation.classical
-)
+# Chosen with --tune on TUNE_IDS (see segment_chula.md); read from the config that carries them.
+UNIT_CUTTING = Path(__file__).resolve().parents[1] / "conf" / "unit_cutting" / "default.yaml"
+CLASSICAL_PARAMS: dict[str, Any] = OmegaConf.to_container(OmegaConf.load(UNIT_CUTTING).segmentation.classical)
 
 # Cellpose-SAM at cellpose's own defaults, rescaled for ~40 px cells; used only if the weights are local.
 CELLPOSE_PARAMS: dict[str, Any] = {

@@ -6,7 +6,7 @@ Usage (results, command, machine and date: ``benchmarks/segment_scales.md``)::
     ... -m benchmarks.segment_scales --limit 60   # an evenly spaced subsample of each dataset
 
 Each image is rescaled (INTER_AREA down, INTER_CUBIC up) with its labels, then segmented by the
-classical backend of ``conf/prepare.yaml`` twice: as configured (``estimate_diameter: true``, px
+classical backend of ``conf/unit_cutting/default.yaml`` twice: as configured (``estimate_diameter: true``, px
 parameters scaled per image to the cell size it finds) and with the parameters as written for 40 px
 cells. Ground truth: Chula's labelled centre points, and the centres of TXL-PBC's and BCCD's RBC boxes.
 ``reddino.data.segment.match_centres`` scores them: recall = points alone in a detected cell; precision

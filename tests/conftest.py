@@ -30,8 +30,9 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path, cac
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]  # as under @hydra.main: the job config has no hydra node (resolvers still work)
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.cache_dir = str(cache_dir)
+        if "paths" in cfg:
+            cfg.paths.output_dir = str(output_dir)
+            cfg.paths.cache_dir = str(cache_dir)
     return cfg
 
 

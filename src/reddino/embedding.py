@@ -1,4 +1,4 @@
-"""``reddino-embed``: embed a folder of images with any loadable backbone.
+"""``reddino-embed``: embed a folder of images with any loadable backbone (options: ``conf/embed.yaml``).
 
 Three ways to read the folder: ``image`` (each file is one single-cell crop), ``patch`` (smears cut
 into non-overlapping tiles, background tiles dropped) and ``cell`` (smears segmented into cells,
@@ -10,16 +10,16 @@ Python: ``reddino.load_backbone(path)`` and ``reddino.embed(backbone, folder, ..
 
 from __future__ import annotations
 
-import argparse
 import logging
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -31,21 +31,22 @@ from reddino.data.segment import LazySegmenter
 from reddino.data.sources.parsers import parse_flat
 from reddino.data.sources.records import empty_objects
 from reddino.eval.features import pool_tokens
-from reddino.runtime.paths import config_dir
+from reddino.runtime.config_checks import ConfigError, check_config, embed_rules
+from reddino.runtime.paths import CONFIG_PATH, config_dir
 from reddino.runtime.user_errors import one_line_errors
 from reddino.weights import LoadedBackbone, load_backbone
 
 log = logging.getLogger("reddino.embed")
 MODES = ("image", "patch", "cell")
-PREPARE_CONFIG = config_dir() / "prepare.yaml"
+UNIT_CUTTING_SECTIONS = ("patches", "cells", "segmentation")
 
 
 def find_units(
     folder: Path, mode: str, settings: dict[str, Any]
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
-    """The units to embed and the files skipped (with the reason). ``settings`` = prepare.yaml's
-    ``patches``, ``cells`` and ``segmentation`` sections: smears are cut exactly as ``make prepare``
-    cuts them (``units_of_image``), with every cell coming from the segmenter."""
+    """The units to embed and the files skipped (with the reason). ``settings`` = the ``patches``,
+    ``cells`` and ``segmentation`` sections of ``conf/unit_cutting/``: smears are cut exactly as
+    ``make prepare`` cuts them (``units_of_image``), with every cell coming from the segmenter."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     parsed = parse_flat(folder)
@@ -103,13 +104,14 @@ def embed(
 ) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
     """(embeddings [N, D] float32, their units, skipped files with reasons) for every unit in ``folder``.
 
-    ``precision``: "32" or "bf16" (autocast on the device). ``settings``: patch/cell/segmentation
-    settings as in ``conf/prepare.yaml`` (read from there when None).
+    The keyword defaults are those of ``conf/embed.yaml``. ``precision``: "32" or "bf16" (autocast on
+    the device). ``settings``: the patch/cell/segmentation sections (None: ``conf/unit_cutting/default.yaml``,
+    what ``make prepare`` uses).
     """
     loaded = backbone if isinstance(backbone, LoadedBackbone) else load_backbone(backbone)
     if settings is None:
-        cfg = OmegaConf.load(PREPARE_CONFIG)
-        settings = {k: OmegaConf.to_container(cfg[k]) for k in ("patches", "cells", "segmentation")}
+        cfg = OmegaConf.load(config_dir() / "unit_cutting" / "default.yaml")
+        settings = {k: OmegaConf.to_container(cfg[k]) for k in UNIT_CUTTING_SECTIONS}
     units, skipped = find_units(Path(folder), mode, settings)
     model = loaded.model.to(device).eval()
     dataset = _CropDataset(units, eval_transform(loaded.input_size, loaded.mean, loaded.std), cache_size=8)
@@ -138,43 +140,44 @@ def embed(
     )
 
 
-@one_line_errors("reddino-embed")
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="reddino-embed", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "weights", help="backbone: export folder, .ckpt, DINOv2/DinoBloom .pth, timm folder, hf_hub:<id>"
-    )
-    parser.add_argument("folder", type=Path, help="folder of images (searched recursively)")
-    parser.add_argument("out", type=Path, help="output folder for embeddings.npy, units.parquet, skipped.csv")
-    parser.add_argument(
-        "--mode", choices=MODES, default="image", help="image: each file is a cell crop (default)"
-    )
-    parser.add_argument("--pooling", choices=("cls", "cls+mean"), default="cls")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=("32", "bf16"), default="32")
-    parser.add_argument("--num-workers", type=int, default=0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def resolve_device(device: str) -> str:
+    """``auto``: the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}: this machine has no CUDA device; use device=cpu or auto")
+    return device
+
+
+def run(cfg: DictConfig) -> Path:
+    """Embed ``cfg.folder`` as ``conf/embed.yaml`` says and write the three files into ``cfg.out``."""
+    check_config(cfg, embed_rules())
+    out = Path(cfg.out)
     embeddings, units, skipped = embed(
-        args.weights,
-        args.folder,
-        mode=args.mode,
-        pooling=args.pooling,
-        batch_size=args.batch_size,
-        device=args.device,
-        precision=args.precision,
-        num_workers=args.num_workers,
+        cfg.weights,
+        cfg.folder,
+        mode=cfg.mode,
+        pooling=cfg.pooling,
+        batch_size=cfg.batch_size,
+        device=resolve_device(str(cfg.device)),
+        precision=str(cfg.precision),
+        num_workers=cfg.num_workers,
+        settings={k: OmegaConf.to_container(cfg[k], resolve=True) for k in UNIT_CUTTING_SECTIONS},
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    np.save(args.out / "embeddings.npy", embeddings)
-    units.to_parquet(args.out / "units.parquet", index=False)
-    skipped.to_csv(args.out / "skipped.csv", index=False)
-    print(
-        f"{len(units)} units embedded ({embeddings.shape[1]}-d) -> {args.out}; {len(skipped)} files skipped"
-    )
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "embeddings.npy", embeddings)
+    units.to_parquet(out / "units.parquet", index=False)
+    skipped.to_csv(out / "skipped.csv", index=False)
+    print(f"{len(units)} units embedded ({embeddings.shape[1]}-d) -> {out}; {len(skipped)} files skipped")
     for row in skipped.itertuples(index=False):
         print(f"  skipped {row.file}: {row.reason}")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="embed")
+@one_line_errors("reddino-embed")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
 
 
 if __name__ == "__main__":

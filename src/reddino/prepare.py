@@ -1,6 +1,7 @@
 """``reddino-prepare`` / ``make prepare``: compose the config and turn catalog sources into manifests.
 
-Everything the run does is in ``reddino.workflows.preparation.run``; every choice is in ``conf/prepare.yaml``.
+Everything the run does is in ``reddino.workflows.preparation.run``; every choice is in ``conf/prepare.yaml``
+(how smears are cut: ``conf/unit_cutting/``).
 """
 
 from __future__ import annotations

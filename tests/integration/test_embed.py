@@ -12,7 +12,8 @@ from PIL import Image
 
 import reddino
 from conftest import data_root
-from reddino.embedding import main
+from reddino.embedding import run
+from reddino.runtime.config_checks import ConfigError
 from reddino.ssl.backbone import build_backbone, forward_tokens
 from reddino.ssl.export import export_timm
 
@@ -28,7 +29,7 @@ def export(tmp_path):
     return tmp_path / "export", net
 
 
-def test_embed_cell_images_matches_the_network_and_reports_bad_files(export, tmp_path):
+def test_embed_cell_images_matches_the_network_and_reports_bad_files(export, tmp_path, make_cfg):
     folder, net = export
     cells = tmp_path / "cells"
     (cells / "sub").mkdir(parents=True)
@@ -40,7 +41,11 @@ def test_embed_cell_images_matches_the_network_and_reports_bad_files(export, tmp
     (cells / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30)
     (cells / "notes.txt").write_text("not an image")
 
-    main([str(folder), str(cells), str(tmp_path / "out"), "--batch-size", "2"])
+    cfg = make_cfg(
+        f"weights={folder}", f"folder={cells}", f"out={tmp_path / 'out'}", "batch_size=2", config_name="embed"
+    )
+    assert cfg.mode == "image" and cfg.pooling == "cls"  # the defaults come from conf/embed.yaml
+    run(cfg)
 
     emb = np.load(tmp_path / "out" / "embeddings.npy")
     units = pd.read_parquet(tmp_path / "out" / "units.parquet")
@@ -86,3 +91,23 @@ def test_embed_chula_smears_as_patches_and_cells(export, tmp_path):
     emb, units, skipped = reddino.embed(folder, smears, mode="cell", batch_size=64)
     assert len(units) == len(emb) > 3 * 30  # dozens of cells per 640x480 smear
     assert np.isfinite(emb).all()
+
+
+def test_embed_options_are_checked_before_anything_loads(make_cfg, tmp_path):
+    """A typo in an enumerated option names the option and what is allowed; the weights are never read."""
+    base = [f"weights={tmp_path / 'absent'}", f"folder={tmp_path}", f"out={tmp_path / 'out'}"]
+    for bad, named in (
+        ("mode=cels", "mode='cels'"),
+        ("batch_size=0", "batch_size=0"),
+        ("precision=16", "precision=16"),
+    ):
+        with pytest.raises(ConfigError, match=named.replace("'", ".")):
+            run(make_cfg(*base, bad, config_name="embed"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_embed_and_prepare_cut_smears_with_one_config(make_cfg):
+    """reddino-embed's patches / cells / segmentation are make prepare's (conf/unit_cutting/)."""
+    embed_cfg, prepare_cfg = make_cfg(config_name="embed"), make_cfg(config_name="prepare")
+    for section in ("patches", "cells", "segmentation"):
+        assert embed_cfg[section] == prepare_cfg[section]

@@ -12,6 +12,7 @@ from reddino.runtime.config_checks import (
     check_config,
     check_crop_sizes,
     check_schedule_length,
+    embed_rules,
     eval_rules,
     pack_rules,
     prepare_rules,
@@ -40,6 +41,7 @@ def test_prepare_options_are_checked(make_cfg, override, message):
 def test_defaults_pass_every_table(make_cfg):
     check_config(make_cfg(config_name="prepare"), prepare_rules())
     check_config(make_cfg(config_name="pack"), pack_rules())
+    check_config(make_cfg("weights=w", "folder=f", "out=o", config_name="embed"), embed_rules())
     check_config(make_cfg(config_name="eval"), eval_rules())
     cfg = make_cfg()
     check_config(cfg, pretrain_rules())

@@ -34,7 +34,8 @@ from reddino.data.segment import (
 from reddino.runtime.paths import config_dir
 
 # The values tuned on Chula (benchmarks/segment_chula.md), exactly as the preparation config carries them.
-CLASSICAL = OmegaConf.to_container(OmegaConf.load(config_dir() / "prepare.yaml").segmentation.classical)
+UNIT_CUTTING = OmegaConf.load(config_dir() / "unit_cutting" / "default.yaml")
+CLASSICAL = OmegaConf.to_container(UNIT_CUTTING.segmentation.classical)
 CELLPOSE = {
     "weights": None,
     "diameter": 40.0,

@@ -60,7 +60,7 @@ class PatchSettings:
 
     @classmethod
     def from_config(cls, patches: Mapping[str, Any], enabled: bool) -> PatchSettings:
-        """From ``conf/prepare.yaml``'s ``patches`` section."""
+        """From the ``patches`` section of ``conf/unit_cutting/``."""
         return cls(enabled=enabled, **patches)
 
     def side_px(self, pixel_size_um: float | None) -> int:
@@ -83,7 +83,7 @@ class CellSettings:
 
     @classmethod
     def from_config(cls, cells: Mapping[str, Any], enabled: bool) -> CellSettings:
-        """From ``conf/prepare.yaml``'s ``cells`` section."""
+        """From the ``cells`` section of ``conf/unit_cutting/``."""
         return cls(enabled=enabled, **{**cells, "drop_labels": tuple(cells["drop_labels"])})
 
     def __post_init__(self) -> None:

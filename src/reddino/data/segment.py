@@ -697,8 +697,8 @@ class LazySegmenter:
     carry ``attrs["segmentation"]`` (``segmentation_stats``), measured against the classical stain mask
     whatever the backend.
 
-    ``settings``: ``backend``, ``cellpose`` and ``classical`` as in ``conf/prepare.yaml``'s
-    ``segmentation`` section.
+    ``settings``: ``backend``, ``cellpose`` and ``classical`` as in the
+    ``segmentation`` section of ``conf/unit_cutting/``.
     """
 
     def __init__(self, settings: Mapping[str, Any]) -> None:

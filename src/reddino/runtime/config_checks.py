@@ -123,7 +123,6 @@ def _positive_ints(value: Any) -> str | None:
 def prepare_rules() -> dict[str, Rule]:
     """``conf/prepare.yaml`` (reddino-prepare)."""
     from reddino.data.manifest import UNIT_KINDS
-    from reddino.data.segment import BACKENDS, FOREGROUND_MAPS
 
     return {
         "units": subset_of(*UNIT_KINDS),
@@ -136,6 +135,17 @@ def prepare_rules() -> dict[str, Rule]:
         "seed": integer(),
         "materialise": boolean,
         "materialise_cache_size": integer(minimum=1),
+        **unit_cutting_rules(),
+        "dedup.hash_size": integer(minimum=2),
+        "dedup.max_distance": integer(minimum=0),
+    }
+
+
+def unit_cutting_rules() -> dict[str, Rule]:
+    """``conf/unit_cutting/`` (patches, cells, segmentation), shared by reddino-prepare and reddino-embed."""
+    from reddino.data.segment import BACKENDS, FOREGROUND_MAPS
+
+    return {
         "patches.size": integer(minimum=8),
         "patches.min_foreground": number(minimum=0.0),
         "patches.target_pixel_size_um": number(minimum=0.0, optional=True, exclusive=True),
@@ -147,8 +157,20 @@ def prepare_rules() -> dict[str, Rule]:
         "segmentation.classical.cell_diameter": number(minimum=0.0, optional=True, exclusive=True),
         "segmentation.classical.foreground": one_of(*FOREGROUND_MAPS),
         "segmentation.cellpose.diameter": number(minimum=0.0, optional=True, exclusive=True),
-        "dedup.hash_size": integer(minimum=2),
-        "dedup.max_distance": integer(minimum=0),
+    }
+
+
+def embed_rules() -> dict[str, Rule]:
+    """``conf/embed.yaml`` (reddino-embed)."""
+    from reddino.eval.features import POOLINGS
+
+    return {
+        "mode": one_of("image", "patch", "cell"),
+        "pooling": one_of(*POOLINGS),
+        "batch_size": integer(minimum=1),
+        "precision": one_of("32", 32, "bf16"),
+        "num_workers": integer(minimum=0),
+        **unit_cutting_rules(),
     }
 
 
