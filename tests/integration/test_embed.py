@@ -15,7 +15,7 @@ from conftest import data_root
 from reddino.embedding import run
 from reddino.runtime.config_checks import ConfigError
 from reddino.ssl.backbone import build_backbone, forward_tokens
-from reddino.ssl.export import export_timm
+from reddino.weights.export import export_timm
 
 TINY = {"embed_dim": 48, "depth": 2, "num_heads": 2}
 

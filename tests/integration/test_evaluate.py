@@ -11,8 +11,8 @@ import torch
 from wandb_offline import read_offline_run
 
 from reddino.ssl.backbone import build_backbone
-from reddino.ssl.export import export_timm
 from reddino.weights import load_export
+from reddino.weights.export import export_timm
 from reddino.workflows.evaluation import run
 
 # the tiny synthetic data of debug=fast (shared cache with the pretraining tests)

@@ -120,8 +120,8 @@ def test_nan_guard_names_the_diverged_term():
 
 def test_continued_pretraining_from_a_dinov2_hub_file(make_cfg, tmp_path):
     """``init=<DINOv2 hub .pth>``: student and teacher start from it (grid resampled), heads fresh."""
-    from reddino.ssl.backbone import build_backbone
-    from reddino.weights import init_backbone_, resample_pos_embed_dinov2
+    from reddino.ssl.backbone import build_backbone, resample_pos_embed_dinov2
+    from reddino.weights import init_backbone_
 
     tiny = {"embed_dim": 48, "depth": 2, "num_heads": 2}
     torch.manual_seed(0)

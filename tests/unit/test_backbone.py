@@ -9,8 +9,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from reddino.ssl.backbone import MASK_TOKEN_KEY, build_backbone, forward_tokens, timm_state_dict
-from reddino.ssl.export import export_timm
+from reddino.ssl.backbone import MASK_TOKEN_KEY, build_backbone, forward_tokens
+from reddino.weights.export import export_timm, timm_state_dict
 
 TINY = dict(embed_dim=48, depth=2, num_heads=2)
 

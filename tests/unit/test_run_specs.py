@@ -138,7 +138,7 @@ def test_remote_checkpoints_are_refused(url):
 
 def test_truncated_weight_files_are_named(tmp_path):
     net = build_backbone(**{k: v for k, v in MODEL.items() if k != "_target_"})
-    from reddino.ssl.export import export_timm
+    from reddino.weights.export import export_timm
 
     export_timm(
         net, tmp_path / "export", MODEL["arch"], {"img_size": 32, **MODEL["overrides"]}, [0.5] * 3, [0.5] * 3

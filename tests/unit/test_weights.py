@@ -13,16 +13,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from reddino.ssl.backbone import build_backbone, forward_tokens, timm_state_dict
-from reddino.ssl.export import export_timm
+from reddino.ssl.backbone import build_backbone, forward_tokens, resample_pos_embed_dinov2
 from reddino.weights import (
     HubUnavailableError,
     detect_format,
     infer_model_args,
     load_backbone,
-    resample_pos_embed_dinov2,
     timm_mlp_keys,
 )
+from reddino.weights.export import export_timm, timm_state_dict
 
 TINY = dict(embed_dim=48, depth=2, num_heads=2)
 HEADS = {"num_heads": 2}  # not recoverable from the weights for a non-standard width

@@ -144,8 +144,3 @@ def forward_tokens(model: VisionTransformer, images: Tensor, masks: Tensor | Non
     x = model.blocks(x)
     x = model.norm(x)
     return TokenOutput(cls=x[:, 0], patches=x[:, model.num_prefix_tokens :])
-
-
-def timm_state_dict(model: VisionTransformer) -> dict[str, Tensor]:
-    """Backbone weights under timm key names (no mask token), ready for ``timm.create_model`` loading."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k != MASK_TOKEN_KEY}

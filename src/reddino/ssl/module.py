@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from reddino.runtime.distributed import all_reduce_sum_, max_rank_difference
-from reddino.ssl.backbone import forward_tokens, timm_state_dict
+from reddino.ssl.backbone import forward_tokens
 from reddino.ssl.centering import build_centering
 from reddino.ssl.chunked_head import (
     ChunkedTargets,
@@ -34,6 +34,7 @@ from reddino.ssl.monitors import collapse_monitors
 from reddino.ssl.param_groups import apply_schedules_, build_param_groups
 from reddino.ssl.schedules import SSLSchedules, scale_lr
 from reddino.ssl.sharding import clip_grad_norm_, sharded_ema_update_
+from reddino.weights.export import timm_state_dict
 
 log = logging.getLogger("reddino.ssl")
 

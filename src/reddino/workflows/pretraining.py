@@ -33,9 +33,9 @@ from reddino.runtime.dashboard import log_review
 from reddino.runtime.fast_path import FastPath, apply_global_switches, compile_blocks_, set_fused_attention_
 from reddino.runtime.run_dir import checkpoint_to_resume, logger_run_id
 from reddino.ssl.data_size_rule import AUTO, RULED_KEYS, apply_data_size_rule
-from reddino.ssl.export import export_timm
 from reddino.ssl.module import DinoV2Module
 from reddino.weights import init_backbone_, load_backbone
+from reddino.weights.export import export_timm
 
 log = logging.getLogger("reddino.pretrain")
 

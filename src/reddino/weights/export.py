@@ -1,4 +1,5 @@
-"""Export a trained teacher backbone as timm-loadable safetensors plus its model config."""
+"""Export a trained teacher backbone as timm-loadable safetensors plus its model config (the layout
+``load_export`` reads back)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ from typing import Any
 
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
 
-from reddino.ssl.backbone import timm_state_dict
+from reddino.ssl.backbone import MASK_TOKEN_KEY
+
+
+def timm_state_dict(model: VisionTransformer) -> dict[str, Tensor]:
+    """Backbone weights under timm key names (no mask token), ready for ``timm.create_model`` loading."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k != MASK_TOKEN_KEY}
 
 
 def export_timm(
