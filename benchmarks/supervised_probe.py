@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import endless, pretrain_config
 from reddino.data.datasets import LabelledUnitDataset, eval_transform
-from reddino.eval.features import extract_cls_features
+from reddino.eval.features import labelled_features
 from reddino.eval.protocols import make_splits
 from reddino.eval.session import score_feature_set
 from reddino.ssl.backbone import forward_tokens
@@ -104,7 +104,7 @@ def main() -> None:
     start = time.perf_counter()
     losses = train_supervised(backbone, data, len(classes), args.steps, args.lr, cfg.data.loader.batch_size)
     seconds = time.perf_counter() - start
-    features, labels = extract_cls_features(backbone, held_out, cfg.report.batch_size, 0, "cpu")
+    features, labels = labelled_features(backbone, held_out, "cls", cfg.report.batch_size, 0, None)
     groups = held_out.units[cfg.report.group_by].to_numpy()
     splits = make_splits("grouped_kfold", labels.numpy(), groups, None, None, cfg.report.n_splits, cfg.seed)
     probes = {"linear": {"enabled": False}, "knn": cfg.report.probes.knn}

@@ -236,21 +236,17 @@ class KnnProbe(pl.Callback):
     @torch.no_grad()
     def score(self, backbone: torch.nn.Module, device: torch.device) -> dict[str, float]:
         """Weighted F1 in percent per k, mean over the grouped folds."""
-        from reddino.eval.features import pool_tokens
+        from reddino.eval.features import FeatureExtractor
         from reddino.eval.session import score_feature_set
 
         assert self._images is not None and self._labels is not None and self._splits is not None
-        was_training = backbone.training
-        backbone.eval()
-        feats = []
-        for start in range(0, len(self._images), self.batch_size):
-            batch = (self._images[start : start + self.batch_size].float() - self.mean) / self.std
-            feats.append(pool_tokens(backbone, batch.to(device), "cls").float().cpu())
-        backbone.train(was_training)
-        probes = {"linear": {"enabled": False}, "knn": {**self.knn, "enabled": True}}
-        scores = score_feature_set(
-            torch.cat(feats), self._labels, self._splits, self.classes, probes, scale=False
+        batches = (
+            ((self._images[start : start + self.batch_size].float() - self.mean) / self.std, None)
+            for start in range(0, len(self._images), self.batch_size)
         )
+        feats, _ = FeatureExtractor(backbone, "cls").extract(batches)
+        probes = {"linear": {"enabled": False}, "knn": {**self.knn, "enabled": True}}
+        scores = score_feature_set(feats, self._labels, self._splits, self.classes, probes, scale=False)
         return {f"knn{k}_weighted_f1": 100.0 * scores[f"knn{k}"]["weighted_f1"]["mean"] for k in self.ks}
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

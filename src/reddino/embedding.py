@@ -11,7 +11,6 @@ Python: ``reddino.load_backbone(path)`` and ``reddino.embed(backbone, folder, ..
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,8 @@ from reddino.data.prepare import CellSettings, PatchSettings, units_of_image
 from reddino.data.segment import LazySegmenter
 from reddino.data.sources.parsers import parse_flat
 from reddino.data.sources.records import empty_objects
-from reddino.eval.features import pool_tokens
-from reddino.runtime.config_checks import ConfigError, check_config, embed_rules
+from reddino.eval.features import extract_features, feature_trainer
+from reddino.runtime.config_checks import check_config, embed_rules
 from reddino.runtime.paths import CONFIG_PATH, config_dir
 from reddino.runtime.user_errors import one_line_errors
 from reddino.weights import LoadedBackbone, load_backbone
@@ -82,11 +81,12 @@ class _CropDataset(UnitDataset):
             return index, None
 
 
-def _collate(batch: list[tuple[int, Any]]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
-    """(indices of decoded units, their images, indices of units whose image failed to decode)."""
+def _collate(batch: list[tuple[int, Any]]) -> tuple[torch.Tensor | None, tuple[torch.Tensor, list[int]]]:
+    """(images of the decoded units or None, (their indices, indices of units whose image failed))."""
     kept = [(i, x) for i, x in batch if x is not None]
     index = torch.tensor([i for i, _ in kept], dtype=torch.long)
-    return index, (torch.stack([x for _, x in kept]) if kept else None), [i for i, x in batch if x is None]
+    images = torch.stack([x for _, x in kept]) if kept else None
+    return images, (index, [i for i, x in batch if x is None])
 
 
 @torch.no_grad()
@@ -97,56 +97,40 @@ def embed(
     mode: str = "image",
     pooling: str = "cls",
     batch_size: int = 64,
-    device: str = "cpu",
-    precision: str = "32",
+    accelerator: str = "auto",
+    precision: str = "32-true",
     num_workers: int = 0,
     settings: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
     """(embeddings [N, D] float32, their units, skipped files with reasons) for every unit in ``folder``.
 
-    The keyword defaults are those of ``conf/embed.yaml``. ``precision``: "32" or "bf16" (autocast on
-    the device). ``settings``: the patch/cell/segmentation sections (None: ``conf/unit_cutting/default.yaml``,
-    what ``make prepare`` uses).
+    The keyword defaults are those of ``conf/embed.yaml``: ``accelerator`` auto | cpu | gpu,
+    ``precision`` 32-true | bf16-mixed (one device, through the Lightning predict pass of
+    ``reddino.eval.features``). ``settings``: the patch/cell/segmentation sections (None:
+    ``conf/unit_cutting/default.yaml``, what ``make prepare`` uses).
     """
     loaded = backbone if isinstance(backbone, LoadedBackbone) else load_backbone(backbone)
     if settings is None:
         cfg = OmegaConf.load(config_dir() / "unit_cutting" / "default.yaml")
         settings = {k: OmegaConf.to_container(cfg[k]) for k in UNIT_CUTTING_SECTIONS}
     units, skipped = find_units(Path(folder), mode, settings)
-    model = loaded.model.to(device).eval()
     dataset = _CropDataset(units, eval_transform(loaded.input_size, loaded.mean, loaded.std), cache_size=8)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
-    autocast = (
-        torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-        if precision == "bf16"
-        else nullcontext()
-    )
-    rows, feats, failed = [], [], []
-    for index, images, bad in tqdm(loader, desc="embedding", unit="batch"):
-        failed += bad
-        if images is None:
-            continue
-        with autocast:
-            feats.append(pool_tokens(model, images.to(device), pooling).float().cpu())
-        rows.append(index)
+    if units.empty:  # nothing to feed the network (every file skipped, or an empty folder)
+        embeddings, payloads = torch.zeros(0, loaded.model.num_features), []
+    else:
+        trainer = feature_trainer(accelerator, precision, progress=True)
+        embeddings, payloads = extract_features(loaded.model, loader, pooling, trainer)
+    rows = [index for index, _ in payloads]
+    failed = [i for _, bad in payloads for i in bad]
     kept = torch.cat(rows).numpy() if rows else np.zeros(0, dtype=np.int64)
     for file in sorted(set(units["file"].iloc[failed])):
         skipped.append({"file": file, "reason": "cannot decode image"})
-    embeddings = torch.cat(feats).numpy() if feats else np.zeros((0, model.num_features), np.float32)
     return (
-        embeddings,
+        embeddings.numpy(),
         units.iloc[kept].reset_index(drop=True),
         pd.DataFrame(skipped, columns=["file", "reason"]),
     )
-
-
-def resolve_device(device: str) -> str:
-    """``auto``: the first CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r}: this machine has no CUDA device; use device=cpu or auto")
-    return device
 
 
 def run(cfg: DictConfig) -> Path:
@@ -159,8 +143,8 @@ def run(cfg: DictConfig) -> Path:
         mode=cfg.mode,
         pooling=cfg.pooling,
         batch_size=cfg.batch_size,
-        device=resolve_device(str(cfg.device)),
-        precision=str(cfg.precision),
+        accelerator=cfg.accelerator,
+        precision=cfg.precision,
         num_workers=cfg.num_workers,
         settings={k: OmegaConf.to_container(cfg[k], resolve=True) for k in UNIT_CUTTING_SECTIONS},
     )

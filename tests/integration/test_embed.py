@@ -100,6 +100,7 @@ def test_embed_options_are_checked_before_anything_loads(make_cfg, tmp_path):
         ("mode=cels", "mode='cels'"),
         ("batch_size=0", "batch_size=0"),
         ("precision=16", "precision=16"),
+        ("accelerator=tpu", "accelerator='tpu'"),
     ):
         with pytest.raises(ConfigError, match=named.replace("'", ".")):
             run(make_cfg(*base, bad, config_name="embed"))

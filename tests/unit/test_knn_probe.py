@@ -11,7 +11,7 @@ from PIL import Image
 
 from reddino.callbacks import KnnProbe, knn_curve
 from reddino.data.datasets import LabelledUnitDataset, eval_transform
-from reddino.eval.features import extract_cls_features
+from reddino.eval.features import labelled_features
 from reddino.eval.protocols import make_splits
 from reddino.eval.session import score_feature_set
 from reddino.ssl.backbone import build_backbone
@@ -87,7 +87,7 @@ def test_probe_scores_equal_the_evaluation_path(tmp_path):
 
     ordered = units.sort_values("file", kind="stable").reset_index(drop=True)
     dataset = LabelledUnitDataset(ordered, eval_transform(16, MEAN, STD), ["a", "b"], 4)
-    feats, labels = extract_cls_features(net, dataset, 5, 0, "cpu")
+    feats, labels = labelled_features(net, dataset, "cls", 5, 0, None)
     splits = make_splits("grouped_kfold", labels.numpy(), ordered["file"].to_numpy(), None, None, 3, 0)
     expected = score_feature_set(
         feats,

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,41 +39,88 @@ def pool_tokens(backbone: VisionTransformer, images: torch.Tensor, pooling: str)
 
 
 class FeatureExtractor(pl.LightningModule):
-    """A predict-only module: batches of (image, label) in, pooled features out (any device/strategy)."""
+    """The one feature path: batches of ``(images, payload)`` in, ``(pooled features, payload)`` out.
+
+    ``payload`` is whatever the loader pairs with the images (labels, unit indices) and comes back
+    untouched; a batch whose images are None (none of its files decoded) gives None features. A Trainer
+    drives it (``extract_features``: any accelerator and precision); inside a running fit, where no
+    second Trainer can run, ``extract`` drives the same ``predict_step`` on the backbone's device.
+    """
 
     def __init__(self, backbone: VisionTransformer, pooling: str) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.backbone = backbone.eval()
+        self.backbone = backbone
         self.pooling = pooling
 
-    def predict_step(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = batch
-        return pool_tokens(self.backbone, images, self.pooling).float().cpu(), torch.as_tensor(labels).cpu()
+    def predict_step(self, batch: Any, batch_idx: int = 0) -> tuple[torch.Tensor | None, Any]:
+        images, payload = batch
+        if images is None:
+            return None, payload
+        return pool_tokens(self.backbone, images, self.pooling).float().cpu(), payload
+
+    @torch.no_grad()
+    def extract(self, batches: Iterable[Any]) -> tuple[torch.Tensor, list[Any]]:
+        """``predict_step`` over ``batches`` without a Trainer, on the backbone's device, in eval mode
+        (the backbone's training mode is restored afterwards)."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        device = next(self.backbone.parameters()).device
+        try:
+            outputs = [
+                self.predict_step((None if x is None else x.to(device), payload)) for x, payload in batches
+            ]
+        finally:
+            self.backbone.train(was_training)
+        return collect_outputs(outputs, self.backbone.num_features)
+
+
+def collect_outputs(
+    outputs: Sequence[tuple[torch.Tensor | None, Any]], dim: int
+) -> tuple[torch.Tensor, list[Any]]:
+    """Concatenated features [N, dim] float32 (N = 0 when no batch had images) and the payloads in order."""
+    feats = [f for f, _ in outputs if f is not None]
+    return (torch.cat(feats) if feats else torch.zeros(0, dim)), [p for _, p in outputs]
+
+
+def feature_trainer(accelerator: str, precision: str, progress: bool) -> pl.Trainer:
+    """A one-device predict-only Trainer: ``accelerator`` auto | cpu | gpu, ``precision`` 32-true |
+    bf16-mixed."""
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+    )
 
 
 def extract_features(
-    backbone: VisionTransformer, loader: DataLoader, pooling: str, trainer: pl.Trainer
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [N, D] float32, labels [N]) in loader order, through a Lightning predict pass."""
-    outputs = trainer.predict(FeatureExtractor(backbone, pooling), dataloaders=loader)
-    feats, labels = zip(*outputs, strict=True)
-    return torch.cat(feats), torch.cat(labels)
+    backbone: VisionTransformer, loader: Iterable[Any], pooling: str, trainer: pl.Trainer
+) -> tuple[torch.Tensor, list[Any]]:
+    """(features [N, D] float32, the loader's payloads in order) through a Lightning predict pass."""
+    module = FeatureExtractor(backbone.eval(), pooling)
+    return collect_outputs(trainer.predict(module, dataloaders=loader), backbone.num_features)
 
 
-@torch.no_grad()
-def extract_cls_features(
-    backbone: VisionTransformer, dataset: Dataset, batch_size: int, num_workers: int, device: str
+def labelled_features(
+    backbone: VisionTransformer,
+    dataset: Dataset,
+    pooling: str,
+    batch_size: int,
+    num_workers: int,
+    trainer: pl.Trainer | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CLS features [N, D] float32 on CPU, labels [N]) without a Trainer (the end-of-pretraining report)."""
-    backbone = backbone.to(device).eval()
+    """(features, labels) of a labelled dataset of ``(image, class)``; ``trainer`` None: in a process that
+    is training (``FeatureExtractor.extract`` on the backbone's device)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    feats, labels = [], []
-    for images, targets in loader:
-        feats.append(pool_tokens(backbone, images.to(device), "cls").float().cpu())
-        labels.append(torch.as_tensor(targets))
-    return torch.cat(feats), torch.cat(labels)
+    if trainer is None:
+        feats, labels = FeatureExtractor(backbone, pooling).extract(loader)
+    else:
+        feats, labels = extract_features(backbone, loader, pooling, trainer)
+    return feats, torch.cat([torch.as_tensor(y) for y in labels])
 
 
 def units_digest(units: pd.DataFrame) -> str:

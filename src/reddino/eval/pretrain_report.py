@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from reddino.data.datasets import LabelledUnitDataset, eval_transform
-from reddino.eval.features import extract_cls_features
+from reddino.eval.features import labelled_features
 from reddino.eval.protocols import make_splits
 from reddino.eval.session import probes_description, score_feature_set
 from reddino.runtime.dashboard import save_figure
@@ -41,7 +41,8 @@ def held_out_evaluation(
     results: dict[str, Any] = {}
     features: dict[str, torch.Tensor] = {}
     for name, net in backbones.items():
-        features[name], labels = extract_cls_features(net, dataset, r.batch_size, 0, device)
+        # no second Trainer in a training process (DDP ranks): the plain driver of the one feature path
+        features[name], labels = labelled_features(net.to(device), dataset, "cls", r.batch_size, 0, None)
         results[name] = score_feature_set(features[name], labels, splits, classes, r.probes, scale=False)
     report = {
         "protocol": {

@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from reddino.ssl.losses import N_GLOBAL_CROPS
 
+FEATURE_ACCELERATORS = ("auto", "cpu", "gpu")  # the one-device predict pass (reddino.eval.features)
+FEATURE_PRECISIONS = ("32-true", "bf16-mixed")
 Rule = Callable[[Any], str | None]  # None when the value is fine, else what is wrong with it
 MISSING = object()
 
@@ -168,7 +170,8 @@ def embed_rules() -> dict[str, Rule]:
         "mode": one_of("image", "patch", "cell"),
         "pooling": one_of(*POOLINGS),
         "batch_size": integer(minimum=1),
-        "precision": one_of("32", 32, "bf16"),
+        "accelerator": one_of(*FEATURE_ACCELERATORS),
+        "precision": one_of(*FEATURE_PRECISIONS),
         "num_workers": integer(minimum=0),
         **unit_cutting_rules(),
     }
@@ -240,6 +243,8 @@ def eval_rules() -> dict[str, Rule]:
         "features.pooling": one_of(*POOLINGS),
         "features.batch_size": integer(minimum=1),
         "features.num_workers": integer(minimum=0),
+        "features.accelerator": one_of(*FEATURE_ACCELERATORS),
+        "features.precision": one_of(*FEATURE_PRECISIONS),
         **probe_rules("probes"),
         "eval.protocol": one_of(*PROTOCOLS),
         "eval.n_splits": integer(minimum=2),

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from reddino.data.datasets import LabelledUnitDataset, eval_transform
 from reddino.data.synthetic import ensure_synthetic_dataset, read_instances
-from reddino.eval.features import extract_cls_features
+from reddino.eval.features import labelled_features
 from reddino.run_specs import plain_value, read_run_units
 from reddino.viz.runs import run_config
 from reddino.weights import LoadedBackbone, load_backbone
@@ -57,7 +57,7 @@ def embed_units(
     transform = eval_transform(backbone.input_size, backbone.mean, backbone.std)
     dataset = LabelledUnitDataset(units, transform, classes, cache_size=64)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    feats, _ = extract_cls_features(backbone.model, dataset, batch_size, 0, device)
+    feats, _ = labelled_features(backbone.model.to(device), dataset, "cls", batch_size, 0, None)
     return feats.numpy()
 
 

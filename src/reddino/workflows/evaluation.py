@@ -15,20 +15,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from reddino.data.datasets import LabelledUnitDataset, UnitDataset, eval_transform
 from reddino.eval.batch_effects import neighbour_source_mixing, source_predictability
 from reddino.eval.features import (
     CachedFeatures,
-    extract_features,
     feature_cache_path,
+    feature_trainer,
+    labelled_features,
     load_features,
     save_features,
     state_digest,
@@ -111,15 +110,8 @@ def backbone_features(
         log.info("%s: features from cache %s", name, path)
         return load_features(path)
     dataset = LabelledUnitDataset(units, transform, classes, f.image_cache_size)
-    loader = DataLoader(dataset, batch_size=f.batch_size, shuffle=False, num_workers=f.num_workers)
-    trainer = pl.Trainer(
-        accelerator=f.accelerator,
-        devices=1,
-        logger=False,
-        enable_progress_bar=cfg.progress,
-        precision=f.precision,
-    )
-    feats, labels = extract_features(net, loader, f.pooling, trainer)
+    trainer = feature_trainer(f.accelerator, f.precision, cfg.progress)
+    feats, labels = labelled_features(net, dataset, f.pooling, f.batch_size, f.num_workers, trainer)
     cached = CachedFeatures(feats.numpy(), labels.numpy(), units, {"model": name, **settings})
     save_features(path, cached)
     return cached
