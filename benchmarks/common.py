@@ -15,7 +15,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-import reddino.runtime.resolvers  # noqa: F401  (resolvers)
+import reddino.runtime.resolvers
+import reddino.runtime.schemas  # noqa: F401  (registers the typed config schemas)
 from reddino.data.datamodules import PretrainDataModule
 from reddino.ssl.module import DinoV2Module
 

@@ -14,7 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from threadpoolctl import threadpool_limits
 
-import reddino.runtime.resolvers  # noqa: F401  (resolvers)
+import reddino.runtime.resolvers
+import reddino.runtime.schemas  # noqa: F401  (registers the typed config schemas)
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 SUPPORT = Path(__file__).resolve().parent / "support"

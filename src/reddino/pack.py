@@ -8,7 +8,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-import reddino.runtime.resolvers  # noqa: F401  (registers the config resolvers)
+import reddino.runtime.resolvers
+import reddino.runtime.schemas  # noqa: F401  (registers the typed config schemas)
 from reddino.data.pack import run
 from reddino.runtime.paths import CONFIG_PATH
 from reddino.runtime.user_errors import one_line_errors

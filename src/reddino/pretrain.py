@@ -8,7 +8,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-import reddino.runtime.resolvers  # noqa: F401  (registers the ${int_mul:...} resolver)
+import reddino.runtime.resolvers
+import reddino.runtime.schemas  # noqa: F401  (registers the typed config schemas)
 from reddino.runtime.ddp_children import pin_children_to_this_job
 from reddino.runtime.paths import CONFIG_PATH
 from reddino.runtime.user_errors import one_line_errors

@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from reddino.runtime.config_checks import (
     ConfigError,
@@ -18,6 +20,7 @@ from reddino.runtime.config_checks import (
     prepare_rules,
     pretrain_rules,
 )
+from reddino.runtime.schemas import LoaderSchema, SSLSchema
 
 
 @pytest.mark.parametrize(
@@ -53,18 +56,43 @@ def test_defaults_pass_every_table(make_cfg):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("data.loader.batch_size=abc", "data.loader.batch_size='abc': must be an integer"),
         ("data.loader.batch_size=0", "data.loader.batch_size=0: must be at least 1"),
         ("data.pretrain_units.unit=cells", "data.pretrain_units.unit='cells'"),
         ("ssl.centering.method=sinkhorn", "ssl.centering.method='sinkhorn'"),
         ("augment.n_global=3", r"augment.n_global=3: must be one of \[2\]"),
-        ("ssl.optim.freeze_backbone_epochs=-1", "ssl.optim.freeze_backbone_epochs=-1: must be at least 0"),
+        ("ssl.optim.freeze_backbone_epochs=-1", "ssl.optim.freeze_backbone_epochs=-1.0: must be at least 0"),
         ("report.probes.knn.metric=cos", "report.probes.knn.metric='cos': must be one of"),
     ],
 )
 def test_pretrain_options_are_checked(make_cfg, override, message):
     with pytest.raises(ConfigError, match=message):
         check_config(make_cfg(override), pretrain_rules())
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.loader.batch_size=abc",
+        "ssl.optim.base_lr=abc",
+        "ssl.head.chunked=maybe",
+        "ssl.crops.n_local=1.5",
+    ],
+)
+def test_a_wrong_type_fails_when_the_config_is_composed_naming_the_key(make_cfg, override):
+    """The typed schemas (reddino.runtime.schemas): nothing runs, the error names the key."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigCompositionException) as err:
+        make_cfg(override)
+    assert key in f"{err.value} {err.value.__cause__}"
+
+
+@pytest.mark.parametrize("experiment", ["embedded", "real_cpu", "reddino_s", "real_gpu_s"])
+@pytest.mark.parametrize("ssl", ["reddino", "dinov2", "dinobloom"])
+def test_every_recipe_is_typed_by_the_schemas(make_cfg, experiment, ssl):
+    cfg = make_cfg(f"experiment={experiment}", f"ssl={ssl}")
+    assert OmegaConf.get_type(cfg.ssl) is SSLSchema
+    assert OmegaConf.get_type(cfg.data.loader) is LoaderSchema
+    assert isinstance(cfg.ssl.optim.base_lr, float) and isinstance(cfg.data.loader.batch_size, int)
 
 
 @pytest.mark.parametrize("steps", ["-1", "100000"])

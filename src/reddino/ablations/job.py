@@ -15,7 +15,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import reddino.runtime.resolvers  # noqa: F401  (registers the config resolvers)
+import reddino.runtime.resolvers
+import reddino.runtime.schemas  # noqa: F401  (registers the typed config schemas)
 from reddino.ablations import ERROR_FILE
 from reddino.runtime.paths import CONFIG_PATH
 from reddino.workflows.pretraining import run
