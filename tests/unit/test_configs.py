@@ -138,3 +138,16 @@ def test_fsdp_trainer_builds_lightnings_strategy_with_the_block_and_head_policy(
     assert isinstance(strategy, FSDPStrategy)
     assert isinstance(strategy.kwargs["auto_wrap_policy"], ModuleWrapPolicy)
     assert strategy.kwargs["use_orig_params"] is True
+
+
+def test_module_node_builds_the_lightning_module_with_the_configured_optimizer(make_cfg):
+    """``module`` is instantiable (``_target_``) and the optimiser is a ``_partial_`` node of the recipe."""
+    cfg = make_cfg("debug=fast", "ssl.optimizer.betas=[0.8,0.95]", "+ssl.optimizer.eps=1e-6")
+    module = build_module(cfg, instantiate(cfg.model))
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert {tuple(g["betas"]) for g in optimizer.param_groups} == {(0.8, 0.95)}
+    assert {g["eps"] for g in optimizer.param_groups} == {1e-6}
+    assert "optimizer" not in module.hparams  # checkpoints keep plain values (read with weights_only)
+    sgd = make_cfg("debug=fast", "ssl.optimizer._target_=torch.optim.SGD", "~ssl.optimizer.betas")
+    assert isinstance(build_module(sgd, instantiate(sgd.model)).configure_optimizers(), torch.optim.SGD)

@@ -91,7 +91,6 @@ class OptimSchema:
     backbone_lr_mult: float = MISSING
     patch_embed_lr_mult: float = MISSING
     layerwise_decay: float = MISSING
-    betas: list[float] = MISSING
 
 
 @dataclass
@@ -106,6 +105,7 @@ class SSLSchema:
     crops: CropsSchema = field(default_factory=CropsSchema)
     teacher: TeacherSchema = field(default_factory=TeacherSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)
+    optimizer: Any = MISSING  # a _partial_ node: the optimiser class and its fixed arguments
 
 
 @dataclass

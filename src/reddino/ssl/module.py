@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -75,12 +75,14 @@ class DinoV2Module(pl.LightningModule):
         centering: Mapping[str, Any],
         teacher: Mapping[str, Any],
         optim: Mapping[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer],
         n_local_crops: int,
         fused_optimizer: bool,
         teacher_inference_mode: bool,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone"])
+        self.save_hyperparameters(ignore=["backbone", "optimizer"])  # checkpoints hold plain values only
+        self.optimizer_factory = optimizer
         self.student = build_ssl_networks(backbone, head)
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
@@ -150,10 +152,8 @@ class DinoV2Module(pl.LightningModule):
         )
         for g in groups:
             g.pop("names", None)
-        use_fused = self.fused_optimizer and self.device.type == "cuda"
-        return torch.optim.AdamW(
-            groups, lr=0.0, betas=tuple(self.optim_cfg["betas"]), fused=use_fused or None
-        )
+        fused = {"fused": True} if self.fused_optimizer and self.device.type == "cuda" else {}
+        return self.optimizer_factory(groups, lr=0.0, **fused)
 
     # -------------------------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

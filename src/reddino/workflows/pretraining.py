@@ -56,21 +56,16 @@ def build_collator(cfg: DictConfig) -> SSLCollator:
 
 def build_module(cfg: DictConfig, backbone: torch.nn.Module, fast: FastPath | None = None) -> DinoV2Module:
     """The LightningModule; ``fast`` (default: the plain path) decides fused AdamW and the teacher's mode."""
-    s = cfg.ssl
     unresolved = [key for key in RULED_KEYS if OmegaConf.select(cfg, key) == AUTO]
     if unresolved:
         raise ValueError(f"{unresolved} are auto: apply the data-size rule first (apply_data_size_rule)")
     fast = fast or FastPath.from_config({**cfg.fast_path, "enabled": False}, "cpu")
-    return DinoV2Module(
+    return instantiate(
+        cfg.module,
         backbone,
-        head=OmegaConf.to_container(s.head, resolve=True),
-        loss=OmegaConf.to_container(s.loss, resolve=True),
-        centering=OmegaConf.to_container(s.centering, resolve=True),
-        teacher=OmegaConf.to_container(s.teacher, resolve=True),
-        optim=OmegaConf.to_container(s.optim, resolve=True),
-        n_local_crops=s.crops.n_local,
         fused_optimizer=fast.fused_adamw,
         teacher_inference_mode=fast.teacher_inference_mode,
+        _convert_="all",
     )
 
 
