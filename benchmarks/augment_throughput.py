@@ -5,7 +5,7 @@ that. Also times every RedDino pixel transform alone (albumentations 2.x made so
 than 1.3, see docs/measured_costs.md §4-§5), so a slow one can be dropped from conf/augment/reddino.yaml.
 
     .venv/bin/python benchmarks/augment_throughput.py                          # 224 px, RedDino sizes
-    .venv/bin/python benchmarks/augment_throughput.py --units 8 --repeats 1 ssl.crops.global_size=32
+    .venv/bin/python benchmarks/augment_throughput.py --units 8 --repeats 1 crops.global_size=32
 Trailing arguments are Hydra overrides of conf/pretrain.yaml (units come from cfg.data.pretrain_units).
 """
 
@@ -43,7 +43,7 @@ def views_per_second(transform, images: list[np.ndarray], views_per_call: int, r
 
 def per_transform_ms(cfg, images: list[np.ndarray], repeats: int) -> list[tuple[str, float]]:
     """Milliseconds per call of each RedDino pixel transform alone on global-size crops."""
-    size = cfg.ssl.crops.global_size
+    size = cfg.crops.global_size
     crops = [cv2.resize(im, (size, size), interpolation=cv2.INTER_LINEAR) for im in images]
     names = [str(n) for n in cfg.augment.pixel_transforms]
     rows = []
@@ -68,14 +68,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    base = ["ssl.crops.global_size=224", "ssl.crops.local_size=98", *args.overrides]
+    base = ["crops.global_size=224", "crops.local_size=98", *args.overrides]
     print(f"# augmentation throughput, 1 core; {platform.processor() or platform.machine()}, {date.today()}")
     print(f"overrides: {base}")
     for pipeline in ("reddino", "dinov2"):
         cfg = pretrain_config([f"augment={pipeline}", *base])
         images = load_units(cfg, args.units)
         transform = instantiate(cfg.augment)
-        views = cfg.augment.n_global + cfg.ssl.crops.n_local
+        views = cfg.augment.n_global + cfg.crops.n_local
         rate = views_per_second(transform, images, views, args.repeats)
         shape = images[0].shape
         print(
@@ -83,7 +83,7 @@ def main() -> None:
         )
         if pipeline == "reddino":
             for name, ms in per_transform_ms(cfg, images, args.repeats):
-                print(f"    {name:24s} {ms:8.2f} ms per {cfg.ssl.crops.global_size}px crop")
+                print(f"    {name:24s} {ms:8.2f} ms per {cfg.crops.global_size}px crop")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def labelled_cells(cfg: DictConfig, sources: list[str]) -> LabelledUnitDataset:
     """The labelled RBC crops of ``sources``, cut exactly as the report's held-out cells are."""
     spec = OmegaConf.to_container(cfg.data.eval_units, resolve=True)
     units = instantiate({**spec, "sources": sources})
-    plain = eval_transform(cfg.ssl.crops.global_size, cfg.augment.mean, cfg.augment.std)
+    plain = eval_transform(cfg.crops.global_size, cfg.augment.mean, cfg.augment.std)
     return LabelledUnitDataset(units, plain, list(cfg.data.classes), cfg.data.loader.image_cache_size)
 
 

@@ -148,7 +148,7 @@ def measure(args: argparse.Namespace, overrides: list[str], modes: list[str], fl
         "fast_path": fast.__dict__,
         "batch": batch,
         "global_crops": int(cfg.augment.n_global),
-        "local_crops": int(cfg.ssl.crops.n_local),
+        "local_crops": int(cfg.crops.n_local),
         "loader_workers": int(cfg.data.loader.num_workers),
         "flops_per_step": flops,
         "flops_per_image": flops / batch,

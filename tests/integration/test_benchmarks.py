@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["debug=fast", "ssl.crops.global_size=32", "ssl.crops.local_size=16"]
+TINY = ["debug=fast", "crops.global_size=32", "crops.local_size=16"]
 
 
 def run_script(module: str, *args: str, cache: Path) -> str:

@@ -115,7 +115,7 @@ def train(cfg, data: FixedBatches, world: int, out: Path) -> list[dict]:
 @pytest.mark.parametrize("method", ["sinkhorn_knopp", "centering"])
 def test_two_ranks_match_one_process_on_the_same_global_batch(make_cfg, tmp_path, method):
     cfg = make_cfg("debug=fast", f"ssl.centering.method={method}")
-    size = cfg.ssl.crops.global_size
+    size = cfg.crops.global_size
     gen = torch.Generator().manual_seed(1)
     crops = torch.randn(STEPS, 2 * IMAGES, 3, size, size, generator=gen)
     collator = build_collator(cfg)

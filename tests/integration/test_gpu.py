@@ -44,8 +44,8 @@ def restore_tf32():
 
 
 def test_fast_path_losses_match_the_plain_fp32_path(make_cfg, restore_tf32):
-    cfg = make_cfg("debug=fast", "ssl.crops.global_size=56", "model.overrides.embed_dim=64")
-    size, device = cfg.ssl.crops.global_size, torch.device("cuda")
+    cfg = make_cfg("debug=fast", "crops.global_size=56", "model.overrides.embed_dim=64")
+    size, device = cfg.crops.global_size, torch.device("cuda")
     grid = (size // cfg.model.patch_size) ** 2
     generator = torch.Generator().manual_seed(0)
     masks = torch.zeros(8, grid, dtype=torch.bool)

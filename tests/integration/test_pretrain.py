@@ -85,7 +85,7 @@ def test_debug_run_writes_checkpoints_logs_export_and_report(make_cfg, tmp_path)
     # the checkpoint's teacher and the export are the same network for evaluation
     from_ckpt = load_backbone(out / "checkpoints" / "last.ckpt")
     from_export = load_backbone(out / "export")
-    assert from_ckpt.input_size == from_export.input_size == cfg.ssl.crops.global_size
+    assert from_ckpt.input_size == from_export.input_size == cfg.crops.global_size
     x = torch.randn(2, 3, from_ckpt.input_size, from_ckpt.input_size)
     torch.testing.assert_close(from_ckpt.model.forward_features(x), from_export.model.forward_features(x))
 
@@ -132,8 +132,8 @@ def test_continued_pretraining_from_a_dinov2_hub_file(make_cfg, tmp_path):
     path = tmp_path / "dinov2_hub.pth"
     torch.save(hub.state_dict(), path)
 
-    common = ("debug=fast", f"init={path}", "+init_model_args.num_heads=2", "ssl.crops.global_size=224")
-    cfg = make_cfg(*common, "model.patch_size=14", "ssl.crops.local_size=98")
+    common = ("debug=fast", f"init={path}", "+init_model_args.num_heads=2", "crops.global_size=224")
+    cfg = make_cfg(*common, "model.patch_size=14", "crops.local_size=98")
     # the run's network after init = the hub weights with the grid resized once, 37x37 -> 16x16 (RedDino)
     net = init_backbone_(hydra_instantiate(cfg.model), load_backbone(path, {"num_heads": 2}))
     state = dict(hub.state_dict())

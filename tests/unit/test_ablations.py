@@ -26,7 +26,7 @@ AXIS_KEYS = {
     "koleo": ("ssl.loss.koleo_weight",),
     "centering": ("ssl.centering.method",),
     "units": ("data.pretrain_units.unit",),
-    "local_crops": ("ssl.crops.n_local",),
+    "local_crops": ("crops.n_local",),
     "augment": ("augment.",),
     "backbone": ("model.",),
 }

@@ -447,11 +447,11 @@ def compose_config(name: str, n_local: int = 2) -> Any:
     """``augment=<name>`` as Hydra composes it (defaults included), with this file's crop sizes."""
     overrides = [
         f"augment={name}",
-        f"ssl.crops.global_size={GLOBAL}",
-        f"ssl.crops.local_size={LOCAL}",
-        "ssl.crops.global_scale=[0.32,1.0]",
-        "ssl.crops.local_scale=[0.05,0.32]",
-        f"ssl.crops.n_local={n_local}",
+        f"crops.global_size={GLOBAL}",
+        f"crops.local_size={LOCAL}",
+        "crops.global_scale=[0.32,1.0]",
+        "crops.local_scale=[0.05,0.32]",
+        f"crops.n_local={n_local}",
         "seed=5",
     ]
     GlobalHydra.instance().clear()

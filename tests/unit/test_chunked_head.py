@@ -183,7 +183,7 @@ def test_a_training_step_of_the_module_is_the_same_with_the_chunked_head(make_cf
 
     overrides = [f"ssl={ssl}", "ssl.head.n_prototypes=96", "ssl.head.ibot_n_prototypes=80"]
     if ssl == "dinov2":
-        overrides += ["ssl.crops.n_local=2", "ssl.centering.method=centering"]
+        overrides += ["crops.n_local=2", "ssl.centering.method=centering"]
     cfg = make_cfg("debug=fast", *overrides)
     torch.manual_seed(0)
     dense = build_module(cfg, instantiate(cfg.model))

@@ -75,7 +75,7 @@ def test_pretrain_options_are_checked(make_cfg, override, message):
         "data.loader.batch_size=abc",
         "ssl.optim.base_lr=abc",
         "ssl.head.chunked=maybe",
-        "ssl.crops.n_local=1.5",
+        "crops.n_local=1.5",
     ],
 )
 def test_a_wrong_type_fails_when_the_config_is_composed_naming_the_key(make_cfg, override):
@@ -127,8 +127,8 @@ def test_every_recipe_has_crops_made_of_whole_patches(make_cfg, experiment, ssl)
 
 
 def test_a_crop_that_is_not_whole_patches_is_refused(make_cfg):
-    cfg = make_cfg("experiment=reddino_b", "ssl=dinov2", "ssl.crops.local_size=96")
-    message = r"ssl\.crops\.local_size=96: not a multiple of model\.patch_size=14"
+    cfg = make_cfg("experiment=reddino_b", "ssl=dinov2", "crops.local_size=96")
+    message = r"crops\.local_size=96: not a multiple of model\.patch_size=14"
     with pytest.raises(ConfigError, match=message):
         check_crop_sizes(cfg)
 

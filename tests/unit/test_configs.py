@@ -32,7 +32,7 @@ def test_groups_exist():
     "override",
     [
         f"{g}={o}"
-        for g in ("ssl", "model", "augment", "data", "trainer", "logger", "callbacks", "debug")
+        for g in ("ssl", "crops", "model", "augment", "data", "trainer", "logger", "callbacks", "debug")
         for o in options(g)
     ],
 )
@@ -52,7 +52,7 @@ def test_experiment_instantiates(make_cfg, experiment):
     with torch.device("meta"):  # full-size ViT-g + 131072-prototype heads without allocating memory
         backbone = instantiate(cfg.model)
         module = build_module(cfg, backbone)
-    assert backbone.patch_embed.img_size == (cfg.ssl.crops.global_size,) * 2
+    assert backbone.patch_embed.img_size == (cfg.crops.global_size,) * 2
     assert module.student["dino_head"].last_layer.weight_v.shape[0] == cfg.ssl.head.n_prototypes
     assert ("ibot_head" in module.student) != cfg.ssl.head.shared_ibot_head
     collator = build_collator(cfg)
@@ -67,7 +67,7 @@ def test_reddino_s_matches_reference_values(make_cfg):
     assert cfg.ssl.head.n_prototypes == 131072 and cfg.ssl.loss.koleo_weight == 0.0
     assert cfg.ssl.centering.method == "sinkhorn_knopp"
     assert cfg.data.loader.batch_size == 280 and cfg.ssl.optim.total_steps == 32000
-    assert cfg.ssl.crops.n_local == 0 and cfg.ssl.crops.global_size == 224
+    assert cfg.crops.n_local == 0 and cfg.crops.global_size == 224
     assert cfg.trainer.precision == "bf16-mixed"
 
 
@@ -77,9 +77,7 @@ def test_embedded_default_pieces_instantiate(make_cfg):
     units = instantiate(cfg.data.pretrain_units)
     assert set(units["source"]) == set(cfg.data.train_sources)
     sample = transform(np.zeros((40, 40, 3), np.uint8))
-    assert (
-        len(sample["global_crops"]) == 2 and sample["global_crops"][0].shape[-1] == cfg.ssl.crops.global_size
-    )
+    assert len(sample["global_crops"]) == 2 and sample["global_crops"][0].shape[-1] == cfg.crops.global_size
     for name, c in cfg.callbacks.items():
         assert instantiate(c) is not None, name
     for name, c in cfg.logger.items():

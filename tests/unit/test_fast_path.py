@@ -64,7 +64,7 @@ def test_teacher_inference_mode_gives_the_no_grad_targets(make_cfg, method):
     from reddino.data.masking import assemble_batch
 
     cfg = make_cfg("debug=fast", f"ssl.centering.method={method}")
-    size = cfg.ssl.crops.global_size
+    size = cfg.crops.global_size
     grid = (size // cfg.model.patch_size) ** 2
     masks = torch.zeros(8, grid, dtype=torch.bool)
     masks[:4, : grid // 3] = True

@@ -33,7 +33,7 @@ def held_out_evaluation(
         units = units.sample(n=r.max_units, random_state=cfg.seed).reset_index(drop=True)
     classes = list(cfg.data.classes)
     dataset = LabelledUnitDataset(
-        units, eval_transform(cfg.ssl.crops.global_size, cfg.augment.mean, cfg.augment.std), classes, 64
+        units, eval_transform(cfg.crops.global_size, cfg.augment.mean, cfg.augment.std), classes, 64
     )
     groups = units[r.group_by].to_numpy()
     splits = make_splits("grouped_kfold", dataset.targets, groups, None, None, r.n_splits, cfg.seed)

@@ -211,8 +211,8 @@ def pretrain_rules() -> dict[str, Rule]:
         "ssl.teacher.teacher_temp": auto_or(number(minimum=0.0, exclusive=True)),
         "ssl.teacher.warmup_teacher_temp": auto_or(number(minimum=0.0, exclusive=True)),
         "ssl.teacher.momentum_teacher": auto_or(number(minimum=0.0)),
-        "ssl.crops.global_size": integer(minimum=8),
-        "ssl.crops.n_local": integer(minimum=0),
+        "crops.global_size": integer(minimum=8),
+        "crops.n_local": integer(minimum=0),
         "fast_path.enabled": one_of("auto", True, False),
         **probe_rules("report.probes"),
         "report.n_splits": integer(minimum=2),
@@ -266,9 +266,9 @@ def check_crop_sizes(cfg: DictConfig) -> None:
     """Every crop the model sees must be a whole number of patches (a 96 px local crop for a patch-14
     model fails at its first step otherwise)."""
     patch = int(cfg.model.patch_size)
-    sizes = {"ssl.crops.global_size": int(cfg.ssl.crops.global_size)}
-    if int(cfg.ssl.crops.n_local) > 0:
-        sizes["ssl.crops.local_size"] = int(cfg.ssl.crops.local_size)
+    sizes = {"crops.global_size": int(cfg.crops.global_size)}
+    if int(cfg.crops.n_local) > 0:
+        sizes["crops.local_size"] = int(cfg.crops.local_size)
     wrong = [f"{k}={v}" for k, v in sizes.items() if v % patch]
     if wrong:
         raise ConfigError(

@@ -58,6 +58,8 @@ class MaskingSchema:
 
 @dataclass
 class CropsSchema:
+    """``crops``: the views each image gives the recipe (conf/crops/)."""
+
     n_local: int = MISSING
     global_size: int = MISSING
     local_size: int = MISSING
@@ -102,7 +104,6 @@ class SSLSchema:
     loss: LossSchema = field(default_factory=LossSchema)
     centering: CenteringSchema = field(default_factory=CenteringSchema)
     masking: MaskingSchema = field(default_factory=MaskingSchema)
-    crops: CropsSchema = field(default_factory=CropsSchema)
     teacher: TeacherSchema = field(default_factory=TeacherSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)
     optimizer: Any = MISSING  # a _partial_ node: the optimiser class and its fixed arguments
@@ -122,7 +123,7 @@ class LoaderSchema:
     seed: int = MISSING
 
 
-SCHEMAS = {"ssl": SSLSchema, "loader": LoaderSchema}
+SCHEMAS = {"ssl": SSLSchema, "crops": CropsSchema, "loader": LoaderSchema}
 
 
 def register_schemas() -> None:

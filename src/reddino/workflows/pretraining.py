@@ -42,7 +42,7 @@ log = logging.getLogger("reddino.pretrain")
 
 def build_collator(cfg: DictConfig) -> SSLCollator:
     """iBOT mask collator on the patch grid of the global crops."""
-    grid = cfg.ssl.crops.global_size // cfg.model.patch_size
+    grid = cfg.crops.global_size // cfg.model.patch_size
     m = cfg.ssl.masking
     return SSLCollator(
         patch_grid=(grid, grid),
