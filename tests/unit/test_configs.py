@@ -14,6 +14,7 @@ from reddino.ssl.data_size_rule import apply_data_size_rule
 from reddino.workflows.pretraining import build_collator, build_module
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
+PREPARED = ("chula_rbc12", "bccd", "txl_pbc")  # already in conf/prepare.yaml's sources
 
 
 def options(group: str) -> list[str]:
@@ -149,3 +150,30 @@ def test_module_node_builds_the_lightning_module_with_the_configured_optimizer(m
     assert "optimizer" not in module.hparams  # checkpoints keep plain values (read with weights_only)
     sgd = make_cfg("debug=fast", "ssl.optimizer._target_=torch.optim.SGD", "~ssl.optimizer.betas")
     assert isinstance(build_module(sgd, instantiate(sgd.model)).configure_optimizers(), torch.optim.SGD)
+
+
+@pytest.mark.parametrize(
+    ("config_name", "override"),
+    [("eval", f"eval={o}") for o in options("eval")]
+    + [("eval", f"data={o}") for o in options("data")]
+    + [("prepare", f"+data/source@sources.{o}={o}") for o in options("data/source") if o not in PREPARED]
+    + [("pack", "quality=75"), ("embed", "mode=cell")],
+)
+def test_every_option_of_the_other_entry_points_composes_and_passes_its_checks(
+    make_cfg, config_name, override
+):
+    """reddino-eval's protocols and data, every catalog source added to reddino-prepare, reddino-pack and
+    reddino-embed: composed, resolved, checked by the entry point's own rules, catalog entries parsed."""
+    from reddino.data.sources.catalog import SourceSpec
+    from reddino.runtime.config_checks import check_config, embed_rules, eval_rules, pack_rules, prepare_rules
+
+    required = ["weights=w", "folder=f", "out=o"] if config_name == "embed" else []
+    cfg = make_cfg(override, *required, config_name=config_name)
+    OmegaConf.to_container(cfg, resolve=True)
+    rules = {"eval": eval_rules, "prepare": prepare_rules, "pack": pack_rules, "embed": embed_rules}
+    check_config(cfg, rules[config_name]())
+    if config_name == "prepare":
+        for name, spec in cfg.sources.items():
+            SourceSpec.from_mapping(OmegaConf.to_container(spec, resolve=True), name)
+    if config_name == "eval" and cfg.data.name == "synthetic":  # real data needs `make prepare` first
+        assert len(instantiate(cfg.data.eval_units)) > 0
