@@ -1,4 +1,5 @@
-"""``reddino-embed``: embed a folder of images with any loadable backbone (options: ``conf/embed.yaml``).
+"""Embed a folder of images with any loadable backbone (``reddino.embed``; the ``reddino-embed`` command
+runs ``reddino.workflows.embedding.run``, options in ``conf/embed.yaml``).
 
 Three ways to read the folder: ``image`` (each file is one single-cell crop), ``patch`` (smears cut
 into non-overlapping tiles, background tiles dropped) and ``cell`` (smears segmented into cells,
@@ -14,11 +15,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -30,9 +30,7 @@ from reddino.data.segment import LazySegmenter
 from reddino.data.sources.parsers import parse_flat
 from reddino.data.sources.records import empty_objects
 from reddino.eval.features import extract_features, feature_trainer
-from reddino.runtime.config_checks import check_config, embed_rules
-from reddino.runtime.paths import CONFIG_PATH, config_dir
-from reddino.runtime.user_errors import one_line_errors
+from reddino.runtime.paths import config_dir
 from reddino.weights import LoadedBackbone, load_backbone
 
 log = logging.getLogger("reddino.embed")
@@ -131,38 +129,3 @@ def embed(
         units.iloc[kept].reset_index(drop=True),
         pd.DataFrame(skipped, columns=["file", "reason"]),
     )
-
-
-def run(cfg: DictConfig) -> Path:
-    """Embed ``cfg.folder`` as ``conf/embed.yaml`` says and write the three files into ``cfg.out``."""
-    check_config(cfg, embed_rules())
-    out = Path(cfg.out)
-    embeddings, units, skipped = embed(
-        cfg.weights,
-        cfg.folder,
-        mode=cfg.mode,
-        pooling=cfg.pooling,
-        batch_size=cfg.batch_size,
-        accelerator=cfg.accelerator,
-        precision=cfg.precision,
-        num_workers=cfg.num_workers,
-        settings={k: OmegaConf.to_container(cfg[k], resolve=True) for k in UNIT_CUTTING_SECTIONS},
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "embeddings.npy", embeddings)
-    units.to_parquet(out / "units.parquet", index=False)
-    skipped.to_csv(out / "skipped.csv", index=False)
-    print(f"{len(units)} units embedded ({embeddings.shape[1]}-d) -> {out}; {len(skipped)} files skipped")
-    for row in skipped.itertuples(index=False):
-        print(f"  skipped {row.file}: {row.reason}")
-    return out
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="embed")
-@one_line_errors("reddino-embed")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -12,10 +12,10 @@ from PIL import Image
 
 import reddino
 from conftest import data_root
-from reddino.embedding import run
 from reddino.runtime.config_checks import ConfigError
 from reddino.ssl.backbone import build_backbone, forward_tokens
 from reddino.weights.export import export_timm
+from reddino.workflows.embedding import run
 
 TINY = {"embed_dim": 48, "depth": 2, "num_heads": 2}
 
