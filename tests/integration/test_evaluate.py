@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -144,3 +145,43 @@ def test_a_bare_eval_takes_the_newest_pretraining_export(make_cfg, exported, tmp
     newest = str(runs / "2026-02-01_00-00-00" / "export")
     assert summary["protocol"]["weights"] == newest
     assert f"weights={newest}" in capsys.readouterr().out
+
+
+def test_several_backbones_in_one_run_each_with_its_input_and_random_init(exported, make_cfg, tmp_path):
+    """``weights=[a, b]``: one table, a row per backbone and per distinct random init, same folds."""
+    folder, _ = exported
+    torch.manual_seed(1)
+    other = build_backbone(
+        "vit_small_patch14_dinov2", 48, 8, 0.0, 1.0, True, {"embed_dim": 32, "depth": 1, "num_heads": 2}
+    )
+    args = {"img_size": 48, "patch_size": 8, "init_values": 1.0, "dynamic_img_size": True}
+    args.update(embed_dim=32, depth=1, num_heads=2)
+    export_timm(other, tmp_path / "run_b" / "export", "vit_small_patch14_dinov2", args, [0.5] * 3, [0.2] * 3)
+    cfg = make_cfg(
+        f"weights=[{folder},{tmp_path / 'run_b' / 'export'}]",
+        *SMALL_DATA,
+        "max_units=120",
+        "feature_sets=[pretrained,random_init]",
+        "probes.knn.ks=[1]",
+        "probes.linear.enabled=false",
+        "umap.enabled=false",
+        "batch_effects.enabled=false",
+        "logger=csv",
+        "progress=false",
+        config_name="eval",
+    )
+    summary = run(cfg)
+    label_a = folder.parent.name
+    assert set(summary["results"]) == {
+        f"pretrained:{label_a}",
+        "pretrained:run_b",
+        f"random_init:{label_a}",
+        "random_init:run_b",
+    }
+    assert summary["protocol"]["weights"] == [str(folder), str(tmp_path / "run_b" / "export")]
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert all(name in table for name in summary["results"])
+    cached = [
+        p.name for p in Path(cfg.features.cache_dir).iterdir() if p.name.startswith("pretrained_run_b-")
+    ]
+    assert len(cached) == 1  # each backbone's own features (its input size and normalisation), cached

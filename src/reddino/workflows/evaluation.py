@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,32 +51,70 @@ log = logging.getLogger("reddino.evaluate")
 MORPHOMETRICS_VERSION = "morphometrics-v1"
 
 
-def resolve_weights(cfg: DictConfig) -> str | None:
-    """``weights``, or with none given (a bare ``make eval``) the newest pretraining run's export."""
-    if cfg.weights is not None or "pretrained" not in cfg.feature_sets:
-        return cfg.weights
+def resolve_weights(cfg: DictConfig) -> list[str]:
+    """``weights`` as a list (one path or several), or with none given (a bare ``make eval``) the newest
+    pretraining run's export; empty when no pretrained feature set is asked for."""
+    if cfg.weights is not None:
+        return [str(cfg.weights)] if isinstance(cfg.weights, str) else [str(w) for w in cfg.weights]
+    if "pretrained" not in cfg.feature_sets:
+        return []
     weights = str(newest_export(Path(cfg.pretrain_runs)))
     log.info("no weights given: evaluating the newest pretraining run's export %s", weights)
     print(f"reddino-eval: no weights given, evaluating the newest pretraining run: weights={weights}")
-    return weights
+    return [weights]
 
 
-def backbones(
-    cfg: DictConfig, weights: str | None
-) -> tuple[dict[str, torch.nn.Module], int, list[float], list[float]]:
-    """The backbones to compare, with the input size and normalisation they expect.
+def weight_labels(weights: list[str]) -> list[str]:
+    """Short unique row names: a run's ``export`` folder is named by its run, a file by its stem."""
+    labels = []
+    for w in weights:
+        path = Path(w.split(":", 1)[1] if w.startswith("hf_hub:") else w)
+        label = path.parent.name if path.name == "export" else (path.stem or path.name)
+        n, unique = 2, label
+        while unique in labels:
+            unique, n = f"{label}-{n}", n + 1
+        labels.append(unique)
+    return labels
 
-    ``weights`` set: that export and the same architecture at a seeded random init; unset: only the
-    ``model`` config at random init.
+
+@dataclass
+class Backbone:
+    """A network to score, with what it is fed: input size and normalisation (``inputs``)."""
+
+    net: torch.nn.Module
+    inputs: dict[str, Any]
+    feature_set: str  # pretrained | random_init: which entry of feature_sets selects it
+
+
+def backbones(cfg: DictConfig, weights: list[str]) -> dict[str, Backbone]:
+    """The backbones to compare, by row name, each with the input size and normalisation it expects.
+
+    One weight: ``pretrained`` and the same architecture at a seeded random init, ``random_init``.
+    Several: ``pretrained:<label>`` each, and one ``random_init:<label>`` per distinct architecture and
+    input (named after the first weight that has it). None: the ``model`` config at random init.
     """
     torch.manual_seed(cfg.seed)
-    if weights is not None:
-        loaded: LoadedBackbone = load_backbone(weights)
+    if not weights:
+        inputs = {
+            "size": int(cfg.model.img_size),
+            "mean": list(cfg.features.mean),
+            "std": list(cfg.features.std),
+        }
+        return {"random_init": Backbone(instantiate(cfg.model), inputs, "random_init")}
+    nets: dict[str, Backbone] = {}
+    randoms: dict[str, tuple[str, Backbone]] = {}
+    single = len(weights) == 1
+    for w, label in zip(weights, weight_labels(weights), strict=True):
+        loaded: LoadedBackbone = load_backbone(w)
+        inputs = {"size": loaded.input_size, "mean": loaded.mean, "std": loaded.std}
+        nets["pretrained" if single else f"pretrained:{label}"] = Backbone(loaded.model, inputs, "pretrained")
         config = {"architecture": loaded.architecture, "model_args": loaded.model_args}
-        nets = {"pretrained": loaded.model, "random_init": build_from_config(config)}
-        return nets, loaded.input_size, loaded.mean, loaded.std
-    net = instantiate(cfg.model)
-    return {"random_init": net}, int(cfg.model.img_size), list(cfg.features.mean), list(cfg.features.std)
+        key = json.dumps({**config, **inputs}, sort_keys=True, default=str)
+        if key not in randoms:
+            randoms[key] = (label, Backbone(build_from_config(config), inputs, "random_init"))
+    for label, backbone in randoms.values():
+        nets["random_init" if len(randoms) == 1 else f"random_init:{label}"] = backbone
+    return nets
 
 
 def newest_export(runs: Path) -> Path:
@@ -105,7 +144,8 @@ def backbone_features(
     f = cfg.features
     transform = eval_transform(inputs["size"], inputs["mean"], inputs["std"])
     settings = {"pooling": f.pooling, **inputs, "classes": classes}
-    path = feature_cache_path(Path(f.cache_dir), f"{name}-{state_digest(net)}", units, settings)
+    key = f"{name.replace(':', '_')}-{state_digest(net)}"
+    path = feature_cache_path(Path(f.cache_dir), key, units, settings)
     if path.is_dir():
         log.info("%s: features from cache %s", name, path)
         return load_features(path)
@@ -212,15 +252,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         units = units.sample(n=cfg.max_units, random_state=cfg.seed).sort_index().reset_index(drop=True)
     classes = list(cfg.data.classes)
     weights = resolve_weights(cfg)
-    nets, size, mean, std = backbones(cfg, weights)
-    inputs = {"size": size, "mean": mean, "std": std}
     sets: dict[str, tuple[CachedFeatures, bool]] = {}
-    for name, net in nets.items():
-        if name in cfg.feature_sets:
-            sets[name] = (backbone_features(name, net, units, classes, cfg, inputs), False)
+    for name, b in backbones(cfg, weights).items():
+        if b.feature_set in cfg.feature_sets:
+            sets[name] = (backbone_features(name, b.net, units, classes, cfg, b.inputs), False)
     if "morphometrics" in cfg.feature_sets:
         sets["morphometrics"] = (morphometric_table(units, classes, cfg), True)
-    unknown = sorted(set(cfg.feature_sets) - set(sets))
+    unknown = sorted(set(cfg.feature_sets) - {name.split(":")[0] for name in sets})
     if unknown:
         raise ValueError(f'feature sets {unknown} unavailable ("pretrained" needs weights=<export dir>)')
     e = cfg.eval
@@ -256,7 +294,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "group_by": e.group_by,
             "classes": classes,
             "feature_pooling": cfg.features.pooling,
-            "weights": weights,
+            "weights": weights[0] if len(weights) == 1 else weights,
         },
         "results": results,
         "batch_effects": effects,
