@@ -15,6 +15,7 @@ from reddino.workflows.pretraining import build_collator, build_module
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 PREPARED = ("chula_rbc12", "bccd", "txl_pbc")  # already in conf/prepare.yaml's sources
+USER_DATA = ("folder", "table")  # reddino-eval only, with a path to give (data.path)
 
 
 def options(group: str) -> list[str]:
@@ -35,6 +36,7 @@ def test_groups_exist():
         f"{g}={o}"
         for g in ("ssl", "crops", "model", "augment", "data", "trainer", "logger", "callbacks", "debug")
         for o in options(g)
+        if o not in USER_DATA
     ],
 )
 def test_group_option_composes_and_resolves(make_cfg, override):
@@ -155,7 +157,8 @@ def test_module_node_builds_the_lightning_module_with_the_configured_optimizer(m
 @pytest.mark.parametrize(
     ("config_name", "override"),
     [("eval", f"eval={o}") for o in options("eval")]
-    + [("eval", f"data={o}") for o in options("data")]
+    + [("eval", f"data={o}") for o in options("data") if o not in USER_DATA]
+    + [("eval", f"data={o} data.path=/data/cells") for o in USER_DATA]
     + [("prepare", f"+data/source@sources.{o}={o}") for o in options("data/source") if o not in PREPARED]
     + [("pack", "quality=75"), ("embed", "mode=cell")],
 )
@@ -168,7 +171,7 @@ def test_every_option_of_the_other_entry_points_composes_and_passes_its_checks(
     from reddino.runtime.config_checks import check_config, embed_rules, eval_rules, pack_rules, prepare_rules
 
     required = ["weights=w", "folder=f", "out=o"] if config_name == "embed" else []
-    cfg = make_cfg(override, *required, config_name=config_name)
+    cfg = make_cfg(*override.split(), *required, config_name=config_name)
     OmegaConf.to_container(cfg, resolve=True)
     rules = {"eval": eval_rules, "prepare": prepare_rules, "pack": pack_rules, "embed": embed_rules}
     check_config(cfg, rules[config_name]())

@@ -247,6 +247,8 @@ def eval_rules() -> dict[str, Rule]:
         "features.precision": one_of(*FEATURE_PRECISIONS),
         **probe_rules("probes"),
         "eval.protocol": one_of(*PROTOCOLS),
+        "eval.group_by": one_of("file", "subject", "source", None),
+        "data.box_context": number(minimum=1.0),
         "eval.n_splits": integer(minimum=2),
     }
 

@@ -23,6 +23,7 @@ from pytorch_lightning.loggers import WandbLogger
 from tqdm.auto import tqdm
 
 from reddino.data.datasets import LabelledUnitDataset, UnitDataset, eval_transform
+from reddino.data.labelled import SKIPPED_ATTR
 from reddino.eval.batch_effects import neighbour_source_mixing, source_predictability
 from reddino.eval.features import (
     CachedFeatures,
@@ -49,6 +50,20 @@ from reddino.weights import LoadedBackbone, build_from_config, load_backbone
 
 log = logging.getLogger("reddino.evaluate")
 MORPHOMETRICS_VERSION = "morphometrics-v1"
+
+
+def say_grouping(units: pd.DataFrame, group_by: str | None) -> None:
+    """Print which column keeps units together across folds, and warn when nothing does."""
+    groups = int(units[group_by].nunique()) if group_by else len(units)
+    message = f"folds grouped by {group_by!r}: {groups} groups of {len(units)} units"
+    if groups == len(units):
+        message += (
+            " (WARNING: every unit is its own group, so cells of one smear or patient can sit on both "
+            "sides of a split and the scores may be optimistic; give a group column, e.g. data=table "
+            "data.group_column=<slide or patient>)"
+        )
+        log.warning(message)
+    print(f"reddino-eval: {message}")
 
 
 def resolve_weights(cfg: DictConfig) -> list[str]:
@@ -248,9 +263,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     units = instantiate(cfg.data.eval_units)
+    skipped = units.attrs.get(SKIPPED_ATTR, [])
+    if skipped:
+        pd.DataFrame({"skipped": skipped}).to_csv(out / "skipped.csv", index=False)
+        log.warning(
+            "%d items of the data skipped, each with its reason in %s", len(skipped), out / "skipped.csv"
+        )
     if cfg.max_units is not None and len(units) > cfg.max_units:
         units = units.sample(n=cfg.max_units, random_state=cfg.seed).sort_index().reset_index(drop=True)
-    classes = list(cfg.data.classes)
+    classes = list(cfg.data.classes) if cfg.data.classes is not None else sorted(set(units["label"]))
+    say_grouping(units, cfg.eval.group_by)
     weights = resolve_weights(cfg)
     sets: dict[str, tuple[CachedFeatures, bool]] = {}
     for name, b in backbones(cfg, weights).items():
@@ -295,6 +317,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "classes": classes,
             "feature_pooling": cfg.features.pooling,
             "weights": weights[0] if len(weights) == 1 else weights,
+            "skipped": len(skipped),
         },
         "results": results,
         "batch_effects": effects,

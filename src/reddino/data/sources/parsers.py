@@ -537,7 +537,7 @@ def _voc_object(
 
 
 @dataclass(frozen=True)
-class _CsvColumns:
+class TableColumns:
     """Which CSV columns hold what (None: not in this table)."""
 
     file: str
@@ -578,11 +578,11 @@ def parse_csv_table(
     """
     if box_columns is not None and len(box_columns) != 4:
         raise ValueError(f"box_columns must name 4 columns (x0, y0, x1, y1), got {list(box_columns)}")
-    columns = _CsvColumns(
+    columns = TableColumns(
         file_column, label_column, subject_column, tuple(box_columns) if box_columns else None
     )
     table_path = root / table
-    rows = _read_table(table_path, columns)
+    rows = read_table_rows(table_path, columns)
     names = _label_map(class_names)
     col = _Collector(root)
     state = _CsvState(root)
@@ -591,14 +591,28 @@ def parse_csv_table(
     return col.result()
 
 
-def _read_table(path: Path, columns: _CsvColumns) -> list[tuple[int, dict[str, str]]]:
-    """(line number, stripped cells) per data row; a missing table or column is a config error."""
+def read_table_rows(path: Path, columns: TableColumns) -> list[tuple[int, dict[str, str]]]:
+    """(line number, stripped cells) per data row; a missing table or column is a config error.
+
+    A ``.parquet`` table is read too: its rows are numbered from 1 (no header line), cells as text."""
     if not path.is_file():
         raise ValueError(f"CSV table {path} does not exist")
     _note_read(path)
+    wanted = [c for c in (columns.file, columns.label, columns.subject, *(columns.boxes or ())) if c]
+    if path.suffix == ".parquet":
+        frame = pd.read_parquet(path)
+        missing = [c for c in wanted if c not in frame.columns]
+        if missing:
+            raise ValueError(f"table {path} lacks columns {missing} (has {list(frame.columns)})")
+        text = frame.astype(object).where(frame.notna(), "").astype(str)
+        rows = [
+            (i + 1, {k: v.strip() for k, v in row.items()}) for i, row in enumerate(text.to_dict("records"))
+        ]
+        if not rows:
+            raise ValueError(f"table {path} has no rows")
+        return rows
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        wanted = [c for c in (columns.file, columns.label, columns.subject, *(columns.boxes or ())) if c]
         missing = [c for c in wanted if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"CSV table {path} lacks columns {missing} (has {reader.fieldnames})")
@@ -617,7 +631,7 @@ def _csv_row(
     line: int,
     table: Path,
     images_dir: Path,
-    columns: _CsvColumns,
+    columns: TableColumns,
     names: dict[str, str] | None,
     state: _CsvState,
     col: _Collector,
@@ -654,7 +668,7 @@ def _csv_row(
 def _csv_fields(
     cell: dict[str, str],
     images_dir: Path,
-    columns: _CsvColumns,
+    columns: TableColumns,
     names: dict[str, str] | None,
     state: _CsvState,
 ) -> tuple[Path, str | None, str | None, list[float] | None]:
