@@ -104,3 +104,43 @@ def test_eval_on_a_folder_says_the_folds_may_leak_and_reports_the_skipped_files(
     assert out["protocol"]["group_by"] == "subject"
     skipped = pd.read_csv(f"{cfg.paths.output_dir}/skipped.csv")["skipped"].str.cat(sep=" | ")
     assert "broken.png" in skipped
+
+
+def test_transfer_trains_on_one_dataset_and_tests_on_another_through_a_class_map(tmp_path, make_cfg):
+    """eval=transfer: probes fit on lab A's crops, scored on lab B's (another stain), fine -> coarse."""
+    for lab, shift in (("lab_a", 0), ("lab_b", 25)):
+        for name, colour in COLOURS.items():
+            (tmp_path / lab / name).mkdir(parents=True)
+            for i in range(8):
+                cell(tuple(c + shift for c in colour), i + shift).save(tmp_path / lab / name / f"{i}.png")
+    transfer = (
+        "data=folder",
+        f"data.path={tmp_path / 'lab_a'}",
+        "eval=transfer",
+        f"eval.test_units.path={tmp_path / 'lab_b'}",
+        "logger=csv",
+        "progress=false",
+    )
+    cfg = make_cfg(
+        *transfer,
+        "eval.class_map={disc: normal, sphere: abnormal, target: abnormal}",
+        "features.image_size=24",
+        "model.patch_size=8",
+        "++model.overrides={embed_dim:32,depth:1,num_heads:2}",
+        "feature_sets=[random_init,morphometrics]",
+        "probes.knn.ks=[1]",
+        "probes.linear.max_iter=20",
+        "umap.enabled=false",
+        "batch_effects.enabled=false",
+        config_name="eval",
+    )
+    summary = run(cfg)
+    assert summary["protocol"]["splits"] == ["transfer"]
+    assert summary["protocol"]["classes"] == ["abnormal", "normal"]
+    for by_probe in summary["results"].values():
+        for scores in by_probe.values():
+            confusion = np.asarray(scores["confusion"])
+            assert scores["n_test"] == 24 and set(scores["per_class_f1"]) == {"abnormal", "normal"}
+            assert confusion.shape == (2, 2) and confusion.sum() == 24
+    with pytest.raises(ValueError, match=r"class_map maps \['ellipse'\]"):
+        run(make_cfg(*transfer, "eval.class_map={ellipse: normal}", config_name="eval"))

@@ -8,6 +8,9 @@ Protocols (``make_splits``):
   generalisation; kept to show that difference, never validated for leakage.
 - ``loso``: leave one source (dataset, scanner, lab) out, the paper's Elsafty-style generalisation test.
 - ``fixed``: a given train/test column of the manifest.
+- ``transfer``: train on one dataset, test on another (``split`` tags "train" / "test" set by
+  ``reddino-eval`` from ``data.eval_units`` and ``eval.test_units``): the batch-effect test of a
+  probe trained on public data and used on a lab's own cells.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-PROTOCOLS = ("grouped_kfold", "stratified_kfold", "loso", "fixed")
+PROTOCOLS = ("grouped_kfold", "stratified_kfold", "loso", "fixed", "transfer")
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,10 +125,10 @@ def make_splits(
         if sources is None:
             raise ValueError("loso needs a source per row")
         result = [Split(f"loso:{name}", tr, te) for tr, te, name in leave_one_group_out(sources)]
-    elif protocol == "fixed":
+    elif protocol in ("fixed", "transfer"):
         if splits is None:
-            raise ValueError("the fixed protocol needs a split tag per row")
-        result = [Split("fixed", *fixed_split(splits))]
+            raise ValueError(f"the {protocol} protocol needs a split tag per row")
+        result = [Split(protocol, *fixed_split(splits))]
     else:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     if groups is not None:

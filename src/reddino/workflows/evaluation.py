@@ -52,6 +52,33 @@ log = logging.getLogger("reddino.evaluate")
 MORPHOMETRICS_VERSION = "morphometrics-v1"
 
 
+def class_list(cfg: DictConfig, units: pd.DataFrame) -> list[str]:
+    """The label map: ``data.classes`` (through the transfer protocol's class map), else the labels found,
+    sorted; with transfer, test labels the training side never has are appended (scored, never predicted)."""
+    mapping = dict(cfg.eval.get("class_map") or {})
+    if cfg.data.classes is None:
+        return sorted(set(units["label"]))
+    classes = list(dict.fromkeys(mapping.get(c, c) for c in cfg.data.classes))
+    return classes + sorted(set(units["label"]) - set(classes))
+
+
+def transfer_units(
+    cfg: DictConfig, train: pd.DataFrame, skipped: list[str]
+) -> tuple[pd.DataFrame, list[str]]:
+    """The transfer protocol's units: the data's (``split`` train) then ``eval.test_units`` (test), both
+    labels mapped through ``eval.class_map``; with everything either reader skipped."""
+    test = instantiate(cfg.eval.test_units)
+    mapping = dict(cfg.eval.class_map or {})
+    unknown = sorted(set(mapping) - set(train["label"]) - set(test["label"]))
+    if unknown:
+        raise ValueError(f"eval.class_map maps {unknown}, labels found on neither side")
+    units = pd.concat([train.assign(split="train"), test.assign(split="test")], ignore_index=True)
+    units["label"] = units["label"].map(lambda label: mapping.get(label, label))
+    for side, frame in (("train", train), ("test", test)):
+        log.info("transfer %s: %d units from %s", side, len(frame), sorted(set(frame["source"])))
+    return units, [*skipped, *test.attrs.get(SKIPPED_ATTR, [])]
+
+
 def say_grouping(units: pd.DataFrame, group_by: str | None) -> None:
     """Print which column keeps units together across folds, and warn when nothing does."""
     groups = int(units[group_by].nunique()) if group_by else len(units)
@@ -264,6 +291,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     units = instantiate(cfg.data.eval_units)
     skipped = units.attrs.get(SKIPPED_ATTR, [])
+    if cfg.eval.protocol == "transfer":
+        units, skipped = transfer_units(cfg, units, skipped)
     if skipped:
         pd.DataFrame({"skipped": skipped}).to_csv(out / "skipped.csv", index=False)
         log.warning(
@@ -271,7 +300,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     if cfg.max_units is not None and len(units) > cfg.max_units:
         units = units.sample(n=cfg.max_units, random_state=cfg.seed).sort_index().reset_index(drop=True)
-    classes = list(cfg.data.classes) if cfg.data.classes is not None else sorted(set(units["label"]))
+    classes = class_list(cfg, units)
     say_grouping(units, cfg.eval.group_by)
     weights = resolve_weights(cfg)
     sets: dict[str, tuple[CachedFeatures, bool]] = {}
@@ -290,7 +319,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         labels,
         units[e.group_by].to_numpy() if e.group_by else None,
         units["source"].to_numpy(),
-        units[e.split_column].to_numpy() if e.protocol == "fixed" else None,
+        units[e.split_column].to_numpy() if e.protocol in ("fixed", "transfer") else None,
         e.n_splits,
         cfg.seed,
     )
