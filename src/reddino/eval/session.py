@@ -21,6 +21,7 @@ from reddino.eval.linear import reference_C, sklearn_linear_probe, torch_linear_
 from reddino.eval.metrics import METRICS, classification_metrics, confusion_matrix
 from reddino.eval.protocols import Split
 from reddino.runtime.markdown import markdown_table
+from reddino.runtime.threads import cpu_threads
 
 
 def standardise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +74,22 @@ def score_feature_set(
     probes: Mapping[str, Any],
     scale: bool,
 ) -> dict[str, Any]:
-    """Metrics per probe (mean, std, per fold), per-class F1 and the confusion matrix summed over folds."""
+    """Metrics per probe (mean, std, per fold), per-class F1 and the confusion matrix summed over folds.
+
+    ``probes.threads`` (auto | n) sets the CPU threads while scoring; absent, they are left as they are.
+    """
+    with cpu_threads(probes.get("threads")):
+        return _score(features, labels, splits, classes, probes, scale)
+
+
+def _score(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    splits: Sequence[Split],
+    classes: Sequence[str],
+    probes: Mapping[str, Any],
+    scale: bool,
+) -> dict[str, Any]:
     x, y = features.float(), labels.long()
     n = len(classes)
     per_probe: dict[str, dict[str, list[float]]] = {}

@@ -224,6 +224,7 @@ def pretrain_rules() -> dict[str, Rule]:
 def probe_rules(node: str) -> dict[str, Rule]:
     """A ``conf/probes/reference.yaml`` node placed at ``node``."""
     return {
+        f"{node}.threads": auto_or(integer(minimum=1)),
         f"{node}.linear.backend": one_of("torch", "sklearn"),
         f"{node}.linear.max_iter": integer(minimum=1),
         f"{node}.knn.metric": one_of("euclidean", "cosine"),
