@@ -100,3 +100,11 @@ def test_supervised_probe_trains_and_scores_the_held_out_cells(tmp_path, plain):
     assert [s.split()[0] for s in scores] == ["knn1", "knn3"]  # debug=fast reports k = 1 and 3
     assert all(0.0 <= float(s.split()[3]) <= 100.0 for s in scores)
     assert "loss" in out and "train cells" in out
+
+
+def test_eval_speed_compares_our_scoring_with_the_reference_protocol_side_by_side(tmp_path):
+    out = run_script("benchmarks.eval_speed", "--n", "600", "--folds", "1", cache=tmp_path)
+    assert "ours: torch linear + k-NN [1, 20] (one search)" in out
+    assert "reference: sklearn linear + one KNeighborsClassifier per k" in out
+    assert "speed-up, reference / ours, same folds and features:" in out
+    assert "weighted F1 20-NN - sklearn_20-NN: +0.00 points" in out  # identical k-NN votes
