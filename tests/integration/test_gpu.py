@@ -70,3 +70,35 @@ def test_fast_path_losses_match_the_plain_fp32_path(make_cfg, restore_tf32):
             _, total, _ = module.student_losses(batch, cls_probs, patch_probs)
         losses[enabled] = float(total)
     assert losses[True] == pytest.approx(losses[False], rel=2e-2), losses
+
+
+def test_probes_on_the_gpu_give_the_cpu_predictions():
+    """k-NN (chunked matmul + top-k) and the linear probe on CUDA: the CPU's k-NN votes exactly."""
+    import numpy as np
+
+    from reddino.eval.protocols import make_splits
+    from reddino.eval.session import score_feature_set
+
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(rng.integers(0, 3, 600))
+    x = torch.from_numpy(rng.normal(size=(600, 32)).astype(np.float32)) + labels[:, None]
+    splits = make_splits("grouped_kfold", labels.numpy(), np.arange(600) % 30, None, None, 5, 0)
+    knn = {"enabled": True, "ks": [1, 20], "metric": "euclidean", "temperature": 0.07, "chunk_size": 128}
+    linear = {"enabled": True, "backend": "torch", "C": None, "max_iter": 200}
+    scores = {
+        device: score_feature_set(
+            x,
+            labels,
+            splits,
+            ["a", "b", "c"],
+            {"linear": {**linear, "device": device}, "knn": {**knn, "device": device}},
+            False,
+        )
+        for device in ("cpu", "cuda")
+    }
+    for probe in ("knn1", "knn20"):
+        assert scores["cuda"][probe]["confusion"] == scores["cpu"][probe]["confusion"]
+    assert (
+        abs(scores["cuda"]["linear"]["weighted_f1"]["mean"] - scores["cpu"]["linear"]["weighted_f1"]["mean"])
+        < 0.02
+    )

@@ -114,7 +114,14 @@ def test_degenerate_features_and_one_class_probes_are_flagged():
     splits = make_splits("grouped_kfold", labels.numpy(), groups, None, None, 5, 0)
     probes = {
         "linear": {"enabled": False},
-        "knn": {"enabled": True, "ks": [1, 20], "metric": "euclidean", "temperature": 0.07, "chunk_size": 64},
+        "knn": {
+            "enabled": True,
+            "ks": [1, 20],
+            "metric": "euclidean",
+            "temperature": 0.07,
+            "chunk_size": 64,
+            "device": "auto",
+        },
     }
     informative = torch.from_numpy(rng.normal(size=(100, 8)).astype(np.float32)) + 3 * labels[:, None]
     constant = torch.full((100, 8), 5.0) + 1e-5 * torch.randn(100, 8)
@@ -129,3 +136,10 @@ def test_degenerate_features_and_one_class_probes_are_flagged():
     assert warnings and all(w.startswith("flat / ") for w in warnings)
     table = results_table(results)
     assert "| flags |" in table.splitlines()[0] and "constant_features" in table
+
+
+def test_probe_device_auto_is_the_gpu_when_there_is_one():
+    from reddino.eval.session import probe_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert probe_device("auto").type == expected and probe_device("cpu").type == "cpu"

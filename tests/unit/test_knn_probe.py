@@ -16,7 +16,7 @@ from reddino.eval.protocols import make_splits
 from reddino.eval.session import score_feature_set
 from reddino.ssl.backbone import build_backbone
 
-KNN = {"ks": [1, 3], "metric": "euclidean", "temperature": 0.07, "chunk_size": 7}
+KNN = {"ks": [1, 3], "metric": "euclidean", "temperature": 0.07, "chunk_size": 7, "device": "cpu"}
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 

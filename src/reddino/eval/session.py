@@ -30,6 +30,13 @@ def standardise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, 
     return (train - mean) / std, (test - mean) / std
 
 
+def probe_device(device: str) -> torch.device:
+    """``auto``: the GPU when there is one (chunked matmul + top-k, no index needed), else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def probe_predictions(
     x: torch.Tensor, y: torch.Tensor, split: Split, num_classes: int, probes: Mapping[str, Any], scale: bool
 ) -> dict[str, torch.Tensor]:
@@ -46,15 +53,23 @@ def probe_predictions(
             out["linear"] = torch.as_tensor(pred)
         else:
             out["linear"] = torch_linear_probe(
-                x_tr, y[tr], x_te, num_classes, C, lin["max_iter"], lin["device"]
+                x_tr, y[tr], x_te, num_classes, C, lin["max_iter"], probe_device(lin["device"])
             )
     knn = probes["knn"]
     if knn["enabled"]:
         ks = [int(k) for k in knn["ks"]]
+        device = probe_device(knn["device"])
         by_k = knn_predict_many(
-            x_tr, y[tr], x_te, ks, num_classes, knn["metric"], knn["temperature"], knn["chunk_size"]
+            x_tr.to(device),
+            y[tr].to(device),
+            x_te,
+            ks,
+            num_classes,
+            knn["metric"],
+            knn["temperature"],
+            knn["chunk_size"],
         )
-        out.update({f"knn{k}": by_k[k] for k in ks})
+        out.update({f"knn{k}": by_k[k].cpu() for k in ks})
     return out
 
 

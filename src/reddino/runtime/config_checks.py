@@ -221,6 +221,11 @@ def pretrain_rules() -> dict[str, Rule]:
     }
 
 
+def _device(value: Any) -> str | None:
+    ok = isinstance(value, str) and (value in ("auto", "cpu", "cuda") or value.startswith("cuda:"))
+    return None if ok else "must be auto, cpu, cuda or cuda:<n>"
+
+
 def probe_rules(node: str) -> dict[str, Rule]:
     """A ``conf/probes/reference.yaml`` node placed at ``node``."""
     return {
@@ -229,6 +234,8 @@ def probe_rules(node: str) -> dict[str, Rule]:
         f"{node}.linear.max_iter": integer(minimum=1),
         f"{node}.knn.metric": one_of("euclidean", "cosine"),
         f"{node}.knn.chunk_size": integer(minimum=1),
+        f"{node}.knn.device": _device,
+        f"{node}.linear.device": _device,
         f"{node}.knn.ks": _positive_ints,
     }
 
