@@ -93,25 +93,15 @@ def score_feature_set(
 
     ``probes.threads`` (auto | n) sets the CPU threads while scoring; absent, they are left as they are.
     """
-    with cpu_threads(probes.get("threads")):
-        return _score(features, labels, splits, classes, probes, scale)
-
-
-def _score(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    splits: Sequence[Split],
-    classes: Sequence[str],
-    probes: Mapping[str, Any],
-    scale: bool,
-) -> dict[str, Any]:
     x, y = features.float(), labels.long()
     n = len(classes)
     per_probe: dict[str, dict[str, list[float]]] = {}
     confusion: dict[str, torch.Tensor] = {}
     for split in splits:
         truth = y[torch.as_tensor(split.test_idx)]
-        for probe, pred in probe_predictions(x, y, split, n, probes, scale).items():
+        with cpu_threads(probes.get("threads")):
+            predictions = probe_predictions(x, y, split, n, probes, scale)
+        for probe, pred in predictions.items():
             for metric, value in classification_metrics(truth, pred, n).items():
                 per_probe.setdefault(probe, {}).setdefault(metric, []).append(value)
             previous = confusion.get(probe, torch.zeros(n, n, dtype=torch.long))
