@@ -57,11 +57,16 @@ def knn_predict_many(
     if metric == "cosine":
         train_x = F.normalize(train_x, dim=1)
     labels = train_y.to(train_x.device)
+    # Euclidean ranking of a query row needs ||t||^2 - 2 q.t only (its own ||q||^2 is a constant): one
+    # matmul and a top-k per chunk, no square root (benchmarks/eval_speed.md: time near the bare matmul)
+    train_sq = train_x.square().sum(dim=1) if metric == "euclidean" else None
     preds: dict[int, list[Tensor]] = {k: [] for k in ks}
     for start in range(0, test_x.shape[0], chunk_size):
         q = test_x[start : start + chunk_size].float().to(train_x.device)
         if metric == "euclidean":
-            _, idx = torch.cdist(q, train_x).topk(k_max, dim=1, largest=False, sorted=True)
+            _, idx = torch.addmm(train_sq, q, train_x.T, alpha=-2.0).topk(
+                k_max, dim=1, largest=False, sorted=True
+            )
             weights = torch.ones_like(idx, dtype=torch.float32)
         else:
             top, idx = (F.normalize(q, dim=1) @ train_x.T).topk(k_max, dim=1, sorted=True)
