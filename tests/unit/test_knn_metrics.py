@@ -139,7 +139,7 @@ def test_degenerate_features_and_one_class_probes_are_flagged():
 
 
 def test_probe_device_auto_is_the_gpu_when_there_is_one():
-    from reddino.eval.session import probe_device
+    from reddino.eval.linear import probe_device
 
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert probe_device("auto").type == expected and probe_device("cpu").type == "cpu"

@@ -43,6 +43,13 @@ SKLEARN_TOL = 1e-4  # LogisticRegression's default tol, which the reference keep
 TORCH_TOL = 1e-6  # reaches the optimum in the nearly separable regime; cheap once preconditioned
 
 
+def probe_device(device: str | torch.device) -> torch.device:
+    """``auto``: the GPU when there is one (the probes are a few matmuls and a top-k), else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def reference_C(feature_dim: int, num_classes: int) -> float:
     """The reference's inverse regularisation: 1 / l2_reg with l2_reg = 100 / (D * K)."""
     return feature_dim * num_classes / 100.0
@@ -178,7 +185,7 @@ def torch_linear_probe(
     num_classes: int,
     C: float,
     max_iter: int,
-    device: str | torch.device,
+    device: str | torch.device,  # auto | cpu | cuda (probe_device)
     dtype: torch.dtype = torch.float32,
     precondition: bool = True,
     tol: float = TORCH_TOL,
@@ -190,7 +197,7 @@ def torch_linear_probe(
     predictions are mapped back to the global label indices. float32 is enough once preconditioned
     (measured at Chula size: objective within 3e-5 of a float64 solve, 99.7% identical predictions).
     """
-    device = torch.device(device)
+    device = probe_device(device)
     train_y = train_y.long()
     if train_y.numel() and (train_y.min() < 0 or train_y.max() >= num_classes):
         raise ValueError(f"train labels must lie in [0, {num_classes})")

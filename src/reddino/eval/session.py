@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from reddino.eval.knn import knn_predict_many
-from reddino.eval.linear import reference_C, sklearn_linear_probe, torch_linear_probe
+from reddino.eval.linear import probe_device, reference_C, sklearn_linear_probe, torch_linear_probe
 from reddino.eval.metrics import METRICS, classification_metrics, confusion_matrix
 from reddino.eval.protocols import Split
 from reddino.runtime.markdown import markdown_table
@@ -28,13 +28,6 @@ def standardise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, 
     """z-score with the training fold's statistics (morphometrics mix pixels^2 with ratios)."""
     mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
     return (train - mean) / std, (test - mean) / std
-
-
-def probe_device(device: str) -> torch.device:
-    """``auto``: the GPU when there is one (chunked matmul + top-k, no index needed), else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def probe_predictions(
@@ -53,7 +46,7 @@ def probe_predictions(
             out["linear"] = torch.as_tensor(pred)
         else:
             out["linear"] = torch_linear_probe(
-                x_tr, y[tr], x_te, num_classes, C, lin["max_iter"], probe_device(lin["device"])
+                x_tr, y[tr], x_te, num_classes, C, lin["max_iter"], lin["device"]
             )
     knn = probes["knn"]
     if knn["enabled"]:
