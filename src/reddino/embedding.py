@@ -87,7 +87,6 @@ def _collate(batch: list[tuple[int, Any]]) -> tuple[torch.Tensor | None, tuple[t
     return images, (index, [i for i, x in batch if x is None])
 
 
-@torch.no_grad()
 def embed(
     backbone: str | Path | LoadedBackbone,
     folder: str | Path,

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from reddino.data.manifest import UNIT_COLUMNS, validate_units
-from reddino.data.patches import square_boxes
+from reddino.data.prepare import square_crops
 from reddino.data.sources.parsers import (
     TableColumns,
     parse_csv_table,
@@ -40,9 +40,8 @@ def _units(parsed: ParsedSource, box_context: float | None, source: str) -> pd.D
     objects = parsed.objects.merge(parsed.images[["file", "subject"]], on="file", how="left")
     if box_context is None:
         boxes = objects[["x0", "y0", "x1", "y1"]].to_numpy().round().astype(np.int64)
-    else:
-        side = box_context * np.maximum(objects["x1"] - objects["x0"], objects["y1"] - objects["y0"])
-        boxes = square_boxes(objects["cx"].to_numpy(), objects["cy"].to_numpy(), side.to_numpy())
+    else:  # as make prepare cuts annotated boxes; every parsed row here has a box, no centre point
+        boxes = square_crops(objects, box_context, point_window=0)
     units = pd.DataFrame(boxes, columns=["x0", "y0", "x1", "y1"]).assign(
         file=objects["file"].to_numpy(),
         unit="cell",

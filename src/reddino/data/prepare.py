@@ -102,14 +102,20 @@ class ChunkResult:
 
 def cell_boxes(objects: pd.DataFrame, cells: CellSettings) -> np.ndarray:
     """Square crop boxes around annotated objects: points get a fixed window, boxes a context margin."""
+    return square_crops(objects, cells.box_context, cells.point_window)
+
+
+def square_crops(objects: pd.DataFrame, box_context: float, point_window: int) -> np.ndarray:
+    """Square boxes centred on each object: ``box_context`` x the longer side of its box, or
+    ``point_window`` px around a centre point (an object without a box)."""
     if objects.empty:
         return np.zeros((0, 4), dtype=np.int64)
     has_box = objects[["x0", "y0", "x1", "y1"]].notna().all(axis=1).to_numpy()
     side = np.where(
         has_box,
-        cells.box_context
+        box_context
         * np.maximum(objects["x1"] - objects["x0"], objects["y1"] - objects["y0"]).fillna(0).to_numpy(),
-        float(cells.point_window),
+        float(point_window),
     )
     return square_boxes(
         objects["cx"].to_numpy(dtype=np.float64), objects["cy"].to_numpy(dtype=np.float64), side
