@@ -79,16 +79,39 @@ def test_preconditioning_changes_variables_not_the_model(mixture):
     xt = torch.from_numpy(x) * 7 + 3
     before = probe(xt)
     probe.set_preconditioner(xt)
-    torch.testing.assert_close(probe.scale, torch.from_numpy(x.std(axis=0)) * 7)
     torch.testing.assert_close(probe.shift, torch.from_numpy(x.mean(axis=0)) * 7 + 3)
     torch.testing.assert_close(probe(xt), before)
+    # whitened: the solver's coordinates are uncorrelated with unit variance (up to the 1/(C n) ridge)
+    z = probe.precondition(xt)
+    torch.testing.assert_close(z.T @ z / N, torch.eye(D, dtype=z.dtype), atol=1e-3, rtol=0)
+
+
+def test_hand_written_gradient_equals_autograd(mixture):
+    """The L-BFGS closure's gradient (written by hand, classes x cells layout) is autograd's."""
+    x, y = mixture
+    probe = TorchLinearProbe(D, K, 0.3, N).double()
+    xt, yt = torch.from_numpy(x) * 3 + 1, torch.from_numpy(y)
+    probe.set_preconditioner(xt)
+    with torch.no_grad():
+        probe.linear.weight.normal_()
+        probe.linear.bias.normal_()
+    z = probe.precondition(xt)
+    expected_loss = probe._loss(z, yt)
+    expected_loss.backward()
+    expected = [probe.linear.weight.grad.clone(), probe.linear.bias.grad.clone()]
+    probe.zero_grad()
+    loss = probe.loss_and_set_grad(z, z.T.contiguous(), yt)
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-12)
+    torch.testing.assert_close(probe.linear.weight.grad, expected[0])
+    torch.testing.assert_close(probe.linear.bias.grad, expected[1])
 
 
 def test_preconditioning_converges_faster_on_badly_scaled_features(mixture):
-    """Raw CLS dimensions differ in scale and offset; the preconditioned solve needs far fewer iterations."""
+    """Raw CLS dimensions differ in scale and offset and are correlated: whitening needs far fewer steps."""
     x, y = mixture
     rng = np.random.default_rng(3)
-    xt = torch.from_numpy(x * rng.lognormal(sigma=1.0, size=D) + 5.0)
+    mixing = np.eye(D) + 0.5 * rng.normal(size=(D, D)) / np.sqrt(D)  # correlated dimensions, like a CLS
+    xt = torch.from_numpy((x @ mixing) * rng.lognormal(sigma=1.0, size=D) + 5.0)
     yt = torch.from_numpy(y)
     plain = TorchLinearProbe(D, K, 3.84, N, max_iter=1000, tol=1e-6).double()
     pre = TorchLinearProbe(D, K, 3.84, N, max_iter=1000, tol=1e-6).double()
@@ -166,9 +189,9 @@ def test_trainer_fit_runs_the_same_objective():
     from torch.utils.data import DataLoader, TensorDataset
 
     rng = np.random.default_rng(1)
-    x = torch.from_numpy(rng.normal(size=(300, 8)).astype(np.float32))
+    x = torch.from_numpy(rng.normal(size=(300, 8)))  # float64: both solves reach the optimum
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-    probe = TorchLinearProbe(8, 3, C=1.0, n_train=300, max_iter=200)
+    probe = TorchLinearProbe(8, 3, C=1.0, n_train=300, max_iter=200, tol=1e-9).double()
     probe.set_preconditioner(x)
     trainer = pl.Trainer(
         max_epochs=1,
@@ -179,10 +202,10 @@ def test_trainer_fit_runs_the_same_objective():
         enable_model_summary=False,
     )
     trainer.fit(probe, DataLoader(TensorDataset(x, y), batch_size=300))
-    direct = TorchLinearProbe(8, 3, C=1.0, n_train=300, max_iter=200)
+    direct = TorchLinearProbe(8, 3, C=1.0, n_train=300, max_iter=200, tol=1e-9).double()
     direct.fit_full_batch(x, y)
     for got, expected in zip(probe.raw_coefficients(), direct.raw_coefficients(), strict=True):
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_rejects_single_class_folds():
