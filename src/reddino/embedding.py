@@ -93,6 +93,7 @@ def embed(
     *,
     mode: str = "image",
     pooling: str = "cls",
+    whitening: bool = True,
     batch_size: int = 64,
     accelerator: str = "auto",
     precision: str = "32-true",
@@ -103,7 +104,8 @@ def embed(
 
     The keyword defaults are those of ``conf/embed.yaml``: ``accelerator`` auto | cpu | gpu,
     ``precision`` 32-true | bf16-mixed (one device, through the Lightning predict pass of
-    ``reddino.eval.features``). ``settings``: the patch/cell/segmentation sections (None:
+    ``reddino.eval.features``). ``whitening``: apply the CLS whitening the weights ship (our exports;
+    others have none), false for the raw CLS. ``settings``: the patch/cell/segmentation sections (None:
     ``conf/unit_cutting/default.yaml``, what ``make prepare`` uses).
     """
     loaded = backbone if isinstance(backbone, LoadedBackbone) else load_backbone(backbone)
@@ -117,7 +119,9 @@ def embed(
         embeddings, payloads = torch.zeros(0, loaded.model.num_features), []
     else:
         trainer = feature_trainer(accelerator, precision, progress=True)
-        embeddings, payloads = extract_features(loaded.model, loader, pooling, trainer)
+        embeddings, payloads = extract_features(
+            loaded.model, loader, pooling, trainer, loaded.whitening if whitening else None
+        )
     rows = [index for index, _ in payloads]
     failed = [i for _, bad in payloads for i in bad]
     kept = torch.cat(rows).numpy() if rows else np.zeros(0, dtype=np.int64)

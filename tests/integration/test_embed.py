@@ -12,6 +12,7 @@ from PIL import Image
 
 import reddino
 from conftest import data_root
+from reddino.eval.whitening import fit_whitening
 from reddino.runtime.config_checks import ConfigError
 from reddino.ssl.backbone import build_backbone, forward_tokens
 from reddino.weights.export import export_timm
@@ -59,6 +60,15 @@ def test_embed_cell_images_matches_the_network_and_reports_bad_files(export, tmp
     with torch.no_grad():
         expected = forward_tokens(net, x).cls.numpy()
     np.testing.assert_allclose(emb, expected, atol=1e-4)
+
+    # an export that ships a CLS whitening is embedded whitened; whitening=false gives the raw CLS
+    whitening = fit_whitening(torch.from_numpy(rng.normal(size=(50, 48)).astype(np.float32)), 0.01)
+    args = {"img_size": 32, "patch_size": 8, "init_values": 1.0, "dynamic_img_size": True, **TINY}
+    export_timm(net, folder, "vit_small_patch14_dinov2", args, [0.5] * 3, [0.25] * 3, whitening)
+    whitened, _, _ = reddino.embed(folder, cells, batch_size=2)
+    raw, _, _ = reddino.embed(folder, cells, batch_size=2, whitening=False)
+    np.testing.assert_allclose(raw, expected, atol=1e-4)
+    np.testing.assert_allclose(whitened, whitening(torch.from_numpy(expected)).numpy(), atol=1e-3)
 
 
 def test_export_reloads_in_plain_timm_with_identical_features(export):

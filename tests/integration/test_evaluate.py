@@ -11,6 +11,8 @@ import pytest
 import torch
 from wandb_offline import read_offline_run
 
+from reddino.eval.features import load_features, pool_tokens
+from reddino.eval.whitening import fit_whitening
 from reddino.ssl.backbone import build_backbone
 from reddino.weights import load_export
 from reddino.weights.export import export_timm
@@ -185,3 +187,35 @@ def test_several_backbones_in_one_run_each_with_its_input_and_random_init(export
         p.name for p in Path(cfg.features.cache_dir).iterdir() if p.name.startswith("pretrained_run_b-")
     ]
     assert len(cached) == 1  # each backbone's own features (its input size and normalisation), cached
+
+
+def test_an_exports_whitening_is_applied_unless_switched_off(make_cfg, exported, tmp_path):
+    """An export that ships a CLS whitening is scored whitened; features.whitening=false scores the raw
+    CLS (the paper's protocol). Both are cached apart."""
+    folder, net = exported
+    torch.manual_seed(1)
+    with torch.no_grad():
+        whitening = fit_whitening(pool_tokens(net.eval(), torch.randn(80, 3, 32, 32), "cls"), 0.01)
+    args = json.loads((folder / "config.json").read_text())["model_args"]
+    export_timm(net, folder, "vit_small_patch14_dinov2", args, [0.5] * 3, [0.25] * 3, whitening)
+    common = (
+        f"weights={folder}",
+        *SMALL_DATA,
+        "max_units=120",
+        "feature_sets=[pretrained]",
+        "probes.linear.enabled=false",
+        "batch_effects.enabled=false",
+        "umap.enabled=false",
+        "progress=false",
+    )
+    whitened = run(make_cfg(*common, config_name="eval"))
+    raw_cfg = make_cfg(*common, "features.whitening=false", config_name="eval")
+    raw = run(raw_cfg)
+    assert whitened["results"]["pretrained"]["knn1"] != raw["results"]["pretrained"]["knn1"]
+    cached = {
+        load_features(path).meta["whitening"]: load_features(path)
+        for path in Path(raw_cfg.features.cache_dir).glob("pretrained-*")
+    }
+    assert set(cached) == {None, whitening.digest()}
+    expected = whitening(torch.from_numpy(cached[None].features))
+    torch.testing.assert_close(torch.from_numpy(cached[whitening.digest()].features), expected)

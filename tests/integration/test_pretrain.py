@@ -89,6 +89,17 @@ def test_debug_run_writes_checkpoints_logs_export_and_report(make_cfg, tmp_path)
     x = torch.randn(2, 3, from_ckpt.input_size, from_ckpt.input_size)
     torch.testing.assert_close(from_ckpt.model.forward_features(x), from_export.model.forward_features(x))
 
+    # the export ships the CLS whitening fitted on pretraining units; the report scored the teacher
+    # with it and the random init raw
+    assert from_ckpt.whitening is None and from_export.whitening is not None
+    n_units = len(hydra_instantiate(cfg.data.pretrain_units))
+    assert results["whitening"] == {"fitted_on": min(n_units, cfg.whitening.max_units), "shrinkage": 0.01}
+    assert from_export.whitening.fitted_on == results["whitening"]["fitted_on"]
+    assert protocol["features"] == {
+        "pretrained_teacher": "final-norm CLS whitened (its export's)",
+        "random_init": "final-norm CLS, raw",
+    }
+
 
 def test_short_cpu_training_lowers_the_loss_without_collapse(make_cfg):
     cfg = make_cfg(

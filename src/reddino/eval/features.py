@@ -2,7 +2,8 @@
 
 Probes and protocols only ever read the cache: a 5-fold x 3-probe evaluation costs one backbone pass.
 ``pooling="cls"`` is the paper's final-norm CLS token; ``"cls+mean"`` appends the mean patch token
-(DINOv2's linear-eval variant).
+(DINOv2's linear-eval variant). A ``FeatureWhitening`` shipped with an export (``reddino.eval.whitening``)
+is applied to the CLS part; ``None`` gives the raw tokens.
 """
 
 from __future__ import annotations
@@ -23,19 +24,27 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset
 
+from reddino.eval.whitening import FeatureWhitening
 from reddino.ssl.backbone import forward_tokens
 
 POOLINGS = ("cls", "cls+mean")
 
 
-def pool_tokens(backbone: VisionTransformer, images: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Final-norm CLS, or CLS concatenated with the mean of the final-norm patch tokens."""
+def pool_tokens(
+    backbone: VisionTransformer,
+    images: torch.Tensor,
+    pooling: str,
+    whitening: FeatureWhitening | None = None,
+) -> torch.Tensor:
+    """Final-norm CLS (whitened when ``whitening`` is given), or that CLS concatenated with the mean of
+    the final-norm patch tokens."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     tokens = forward_tokens(backbone, images)
+    cls = tokens.cls if whitening is None else whitening(tokens.cls.float())
     if pooling == "cls":
-        return tokens.cls
-    return torch.cat([tokens.cls, tokens.patches.mean(dim=1)], dim=1)
+        return cls
+    return torch.cat([cls.to(tokens.patches.dtype), tokens.patches.mean(dim=1)], dim=1)
 
 
 class FeatureExtractor(pl.LightningModule):
@@ -47,18 +56,21 @@ class FeatureExtractor(pl.LightningModule):
     second Trainer can run, ``extract`` drives the same ``predict_step`` on the backbone's device.
     """
 
-    def __init__(self, backbone: VisionTransformer, pooling: str) -> None:
+    def __init__(
+        self, backbone: VisionTransformer, pooling: str, whitening: FeatureWhitening | None = None
+    ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.backbone = backbone
         self.pooling = pooling
+        self.whitening = whitening
 
     def predict_step(self, batch: Any, batch_idx: int = 0) -> tuple[torch.Tensor | None, Any]:
         images, payload = batch
         if images is None:
             return None, payload
-        return pool_tokens(self.backbone, images, self.pooling).float().cpu(), payload
+        return pool_tokens(self.backbone, images, self.pooling, self.whitening).float().cpu(), payload
 
     @torch.no_grad()
     def extract(self, batches: Iterable[Any]) -> tuple[torch.Tensor, list[Any]]:
@@ -98,10 +110,14 @@ def feature_trainer(accelerator: str, precision: str, progress: bool) -> pl.Trai
 
 
 def extract_features(
-    backbone: VisionTransformer, loader: Iterable[Any], pooling: str, trainer: pl.Trainer
+    backbone: VisionTransformer,
+    loader: Iterable[Any],
+    pooling: str,
+    trainer: pl.Trainer,
+    whitening: FeatureWhitening | None = None,
 ) -> tuple[torch.Tensor, list[Any]]:
     """(features [N, D] float32, the loader's payloads in order) through a Lightning predict pass."""
-    module = FeatureExtractor(backbone.eval(), pooling)
+    module = FeatureExtractor(backbone.eval(), pooling, whitening)
     return collect_outputs(trainer.predict(module, dataloaders=loader), backbone.num_features)
 
 
@@ -112,14 +128,15 @@ def labelled_features(
     batch_size: int,
     num_workers: int,
     trainer: pl.Trainer | None,
+    whitening: FeatureWhitening | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) of a labelled dataset of ``(image, class)``; ``trainer`` None: in a process that
     is training (``FeatureExtractor.extract`` on the backbone's device)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     if trainer is None:
-        feats, labels = FeatureExtractor(backbone, pooling).extract(loader)
+        feats, labels = FeatureExtractor(backbone, pooling, whitening).extract(loader)
     else:
-        feats, labels = extract_features(backbone, loader, pooling, trainer)
+        feats, labels = extract_features(backbone, loader, pooling, trainer, whitening)
     return feats, torch.cat([torch.as_tensor(y) for y in labels])
 
 

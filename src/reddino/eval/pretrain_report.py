@@ -1,6 +1,6 @@
-"""The report at the end of pretraining: the probes on the trained teacher and on the network it started
-from, on held-out labelled units, folds grouped by smear, plus the review figures (UMAP, PCA of patch
-tokens)."""
+"""The end of pretraining: the feature whitening fitted for the export, the probes on the trained teacher
+and on the network it started from (held-out labelled units, folds grouped by smear), and the review
+figures (UMAP, PCA of patch tokens)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,36 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from reddino.data.datasets import LabelledUnitDataset, eval_transform
-from reddino.eval.features import labelled_features
+from reddino.data.datasets import LabelledUnitDataset, UnitDataset, eval_transform
+from reddino.eval.features import FeatureExtractor, labelled_features
 from reddino.eval.protocols import make_splits
 from reddino.eval.session import probes_description, score_feature_set
+from reddino.eval.whitening import FeatureWhitening, fit_whitening
 from reddino.runtime.dashboard import save_figure
 
 
+def fit_export_whitening(cfg: DictConfig, teacher: torch.nn.Module, units: pd.DataFrame) -> FeatureWhitening:
+    """``whitening.*``: the teacher's CLS whitening, fitted on up to ``max_units`` pretraining units (a
+    seeded sample, no labels), each fed as the evaluation feeds a unit (resized, normalised)."""
+    w = cfg.whitening
+    if len(units) > w.max_units:
+        units = units.sample(n=w.max_units, random_state=cfg.seed)
+    transform = eval_transform(cfg.crops.global_size, cfg.augment.mean, cfg.augment.std)
+    dataset = UnitDataset(units.reset_index(drop=True), lambda crop: (transform(crop), 0), 64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loader = torch.utils.data.DataLoader(dataset, batch_size=w.batch_size, shuffle=False)
+    features, _ = FeatureExtractor(teacher.to(device), "cls").extract(loader)
+    return fit_whitening(features, w.shrinkage)
+
+
 def held_out_evaluation(
-    cfg: DictConfig, backbones: dict[str, torch.nn.Module]
+    cfg: DictConfig,
+    backbones: dict[str, torch.nn.Module],
+    whitenings: dict[str, FeatureWhitening | None],
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], pd.DataFrame]:
     """The probes of ``report.probes`` on held-out labelled units (a source unseen in pretraining),
-    folds stratified and grouped by smear/subject, scored as ``reddino-eval`` scores them.
+    folds stratified and grouped by smear/subject, scored as ``reddino-eval`` scores them. A backbone
+    named in ``whitenings`` gets its CLS whitened (as its export's features are), the others raw.
 
     Returns the report, each backbone's CLS features and the units they belong to.
     """
@@ -42,7 +60,10 @@ def held_out_evaluation(
     features: dict[str, torch.Tensor] = {}
     for name, net in backbones.items():
         # no second Trainer in a training process (DDP ranks): the plain driver of the one feature path
-        features[name], labels = labelled_features(net.to(device), dataset, "cls", r.batch_size, 0, None)
+        whitening = whitenings.get(name)
+        features[name], labels = labelled_features(
+            net.to(device), dataset, "cls", r.batch_size, 0, None, whitening
+        )
         results[name] = score_feature_set(features[name], labels, splits, classes, r.probes, scale=False)
     report = {
         "protocol": {
@@ -52,7 +73,10 @@ def held_out_evaluation(
             "groups": len(set(groups)),
             "classes": classes,
             "folds": f"{r.n_splits}-fold stratified, grouped by {r.group_by}",
-            "features": "raw final-norm CLS",
+            "features": {
+                name: "final-norm CLS" + (" whitened (its export's)" if whitenings.get(name) else ", raw")
+                for name in backbones
+            },
             "probes": probes_description(r.probes),
         },
         "results": results,

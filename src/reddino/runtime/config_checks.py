@@ -169,6 +169,7 @@ def embed_rules() -> dict[str, Rule]:
     return {
         "mode": one_of("image", "patch", "cell"),
         "pooling": one_of(*POOLINGS),
+        "whitening": boolean,
         "batch_size": integer(minimum=1),
         "accelerator": one_of(*FEATURE_ACCELERATORS),
         "precision": one_of(*FEATURE_PRECISIONS),
@@ -218,6 +219,10 @@ def pretrain_rules() -> dict[str, Rule]:
         "report.n_splits": integer(minimum=2),
         "report.max_units": integer(minimum=1, optional=True),
         "report.batch_size": integer(minimum=1),
+        "whitening.enabled": boolean,
+        "whitening.shrinkage": number(minimum=0.0, exclusive=True),
+        "whitening.max_units": integer(minimum=2),
+        "whitening.batch_size": integer(minimum=1),
     }
 
 
@@ -249,6 +254,7 @@ def eval_rules() -> dict[str, Rule]:
         "feature_sets": subset_of("pretrained", "random_init", "morphometrics"),
         "max_units": integer(minimum=1, optional=True),
         "features.pooling": one_of(*POOLINGS),
+        "features.whitening": boolean,
         "features.batch_size": integer(minimum=1),
         "features.num_workers": integer(minimum=0),
         "features.accelerator": one_of(*FEATURE_ACCELERATORS),

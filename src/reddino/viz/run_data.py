@@ -53,11 +53,14 @@ def run_units(run_dir: str | Path, max_units: int, seed: int) -> pd.DataFrame:
 def embed_units(
     backbone: LoadedBackbone, units: pd.DataFrame, classes: list[str], batch_size: int
 ) -> np.ndarray:
-    """CLS features of ``units`` at the backbone's input size and normalisation (CPU or GPU)."""
+    """CLS features of ``units`` at the backbone's input size and normalisation (CPU or GPU), whitened
+    when the export ships a whitening (as reddino-eval scores them)."""
     transform = eval_transform(backbone.input_size, backbone.mean, backbone.std)
     dataset = LabelledUnitDataset(units, transform, classes, cache_size=64)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    feats, _ = labelled_features(backbone.model.to(device), dataset, "cls", batch_size, 0, None)
+    feats, _ = labelled_features(
+        backbone.model.to(device), dataset, "cls", batch_size, 0, None, backbone.whitening
+    )
     return feats.numpy()
 
 

@@ -1,5 +1,5 @@
 """Export a trained teacher backbone as timm-loadable safetensors plus its model config (the layout
-``load_export`` reads back)."""
+``load_export`` reads back), and the feature whitening fitted for it (``whitening.safetensors``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from reddino.eval.whitening import FeatureWhitening
 from reddino.ssl.backbone import MASK_TOKEN_KEY
+
+WHITENING_KEY = "reddino_feature_whitening"  # config.json entry; timm ignores keys it does not know
+WHITENING_FILE = "whitening.safetensors"
 
 
 def timm_state_dict(model: VisionTransformer) -> dict[str, Tensor]:
@@ -27,9 +31,13 @@ def export_timm(
     model_args: Mapping[str, Any],
     mean: Sequence[float],
     std: Sequence[float],
+    whitening: FeatureWhitening | None = None,
 ) -> Path:
     """Write ``model.safetensors`` (timm key names, no mask token) and ``config.json`` in the Hugging Face
     timm layout (architecture, num_features, model_args, pretrained_cfg with input size and normalisation).
+
+    ``whitening``: written to ``whitening.safetensors`` and named in ``config.json``; the weights stay a
+    plain timm model (a timm user gets the raw CLS, reddino's loaders the whitened one).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,5 +62,21 @@ def export_timm(
             "first_conv": "patch_embed.proj",
         },
     }
+    if whitening is not None:
+        if whitening.dim != int(backbone.num_features):
+            raise ValueError(f"whitening is {whitening.dim}-d, the backbone's CLS {backbone.num_features}-d")
+        save_file(
+            {"mean": whitening.mean.contiguous().cpu(), "transform": whitening.transform.contiguous().cpu()},
+            str(out / WHITENING_FILE),
+            metadata={"format": "pt", "producer": "reddino"},
+        )
+        config[WHITENING_KEY] = {
+            "file": WHITENING_FILE,
+            "applies_to": "cls",
+            "shrinkage": whitening.shrinkage,
+            "fitted_on": whitening.fitted_on,
+        }
+    else:
+        (out / WHITENING_FILE).unlink(missing_ok=True)  # a re-export must not keep a stale one
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out / "model.safetensors"

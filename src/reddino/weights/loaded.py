@@ -12,6 +12,7 @@ import timm
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from reddino.eval.whitening import FeatureWhitening
 from reddino.run_specs import ARCH_NAME, UntrustedConfigError, plain_value
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -29,7 +30,8 @@ OPTIONAL_KEYS = ("mask_token",)
 
 @dataclass
 class LoadedBackbone:
-    """A backbone plus what evaluation needs to feed it: input size and normalisation."""
+    """A backbone plus what evaluation needs to feed it (input size, normalisation) and, for our own
+    exports, the whitening of its CLS features (None: raw CLS)."""
 
     model: VisionTransformer
     architecture: str
@@ -37,6 +39,7 @@ class LoadedBackbone:
     input_size: int
     mean: list[float]
     std: list[float]
+    whitening: FeatureWhitening | None = None
 
 
 def build_from_config(config: dict[str, Any]) -> VisionTransformer:

@@ -11,9 +11,11 @@ from typing import Any
 from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
+from reddino.eval.whitening import FeatureWhitening
 from reddino.run_specs import UntrustedConfigError, backbone_args, normalisation
 from reddino.ssl.backbone import build_backbone, resample_pos_embed_dinov2
 from reddino.weights.dinov2_layout import load_dinobloom, load_dinov2_hub
+from reddino.weights.export import WHITENING_KEY
 from reddino.weights.files import load_torch_file, read_state
 from reddino.weights.formats import TEACHER_PREFIX, detect_format
 from reddino.weights.hub import load_hf_hub
@@ -110,7 +112,41 @@ def load_timm_hf_folder(path: str | Path) -> LoadedBackbone:
         input_size=size,
         mean=list(pre.get("mean", IMAGENET_MEAN)),
         std=list(pre.get("std", IMAGENET_STD)),
+        whitening=read_whitening(folder, config.get(WHITENING_KEY), int(model.num_features)),
     )
+
+
+def read_whitening(folder: Path, entry: Any, dim: int) -> FeatureWhitening | None:
+    """The feature whitening a ``config.json`` names (``export_timm``), checked; None when it names none.
+
+    Only a plain file name inside the folder is followed, and only safetensors is read.
+    """
+    if entry is None:
+        return None
+    where = f"{folder / 'config.json'}: {WHITENING_KEY}"
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("file"), str):
+        raise ValueError(f"{where}: expected {{file: <name>, ...}}, got {entry!r}")
+    name = entry["file"]
+    if Path(name).name != name or not name.endswith(".safetensors"):
+        raise ValueError(f"{where}: file {name!r} must be a .safetensors file name inside the export folder")
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; {where} names it")
+    state = read_state(path)
+    if set(state) != {"mean", "transform"}:
+        raise ValueError(f"{path}: expected tensors 'mean' and 'transform', got {sorted(state)}")
+    try:
+        whitening = FeatureWhitening(
+            state["mean"].float(),
+            state["transform"].float(),
+            float(entry.get("shrinkage", 0.0)),
+            int(entry.get("fitted_on", 0)),
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from err
+    if whitening.dim != dim:
+        raise ValueError(f"{path}: whitening is {whitening.dim}-d, the backbone's CLS is {dim}-d")
+    return whitening
 
 
 def load_backbone(path: str | Path, model_args: Mapping[str, Any] | None = None) -> LoadedBackbone:

@@ -21,6 +21,7 @@ def run(cfg: DictConfig) -> Path:
         cfg.folder,
         mode=cfg.mode,
         pooling=cfg.pooling,
+        whitening=cfg.whitening,
         batch_size=cfg.batch_size,
         accelerator=cfg.accelerator,
         precision=cfg.precision,

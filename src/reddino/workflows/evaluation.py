@@ -43,6 +43,7 @@ from reddino.eval.session import (
     score_feature_set,
     standardise,
 )
+from reddino.eval.whitening import FeatureWhitening
 from reddino.runtime.config_checks import check_config, eval_rules
 from reddino.runtime.dashboard import confusion_figure, log_review, save_figure
 from reddino.viz.runs import latest_run
@@ -126,6 +127,7 @@ class Backbone:
     net: torch.nn.Module
     inputs: dict[str, Any]
     feature_set: str  # pretrained | random_init: which entry of feature_sets selects it
+    whitening: FeatureWhitening | None = None  # an export's CLS whitening (features.whitening: true)
 
 
 def backbones(cfg: DictConfig, weights: list[str]) -> dict[str, Backbone]:
@@ -149,7 +151,12 @@ def backbones(cfg: DictConfig, weights: list[str]) -> dict[str, Backbone]:
     for w, label in zip(weights, weight_labels(weights), strict=True):
         loaded: LoadedBackbone = load_backbone(w)
         inputs = {"size": loaded.input_size, "mean": loaded.mean, "std": loaded.std}
-        nets["pretrained" if single else f"pretrained:{label}"] = Backbone(loaded.model, inputs, "pretrained")
+        whitening = loaded.whitening if cfg.features.whitening else None
+        if whitening is not None:
+            log.info("%s: its CLS is whitened as its export says (features.whitening=false: raw)", label)
+        nets["pretrained" if single else f"pretrained:{label}"] = Backbone(
+            loaded.model, inputs, "pretrained", whitening
+        )
         config = {"architecture": loaded.architecture, "model_args": loaded.model_args}
         key = json.dumps({**config, **inputs}, sort_keys=True, default=str)
         if key not in randoms:
@@ -177,15 +184,21 @@ def backbone_features(
     classes: list[str],
     cfg: DictConfig,
     inputs: dict[str, Any],
+    whitening: FeatureWhitening | None,
 ) -> CachedFeatures:
     """Cached frozen features of ``net`` on ``units`` (computed by a Lightning predict pass on a miss).
 
-    ``inputs`` (size, mean, std) is what the network is fed; with the pooling and the label map it
-    keys the cache, so a change to any of them recomputes instead of reading stale features.
+    ``inputs`` (size, mean, std) is what the network is fed; with the pooling, the whitening and the
+    label map it keys the cache, so a change to any of them recomputes instead of reading stale features.
     """
     f = cfg.features
     transform = eval_transform(inputs["size"], inputs["mean"], inputs["std"])
-    settings = {"pooling": f.pooling, **inputs, "classes": classes}
+    settings = {
+        "pooling": f.pooling,
+        **inputs,
+        "classes": classes,
+        "whitening": None if whitening is None else whitening.digest(),
+    }
     key = f"{name.replace(':', '_')}-{state_digest(net)}"
     path = feature_cache_path(Path(f.cache_dir), key, units, settings)
     if path.is_dir():
@@ -193,7 +206,9 @@ def backbone_features(
         return load_features(path)
     dataset = LabelledUnitDataset(units, transform, classes, f.image_cache_size)
     trainer = feature_trainer(f.accelerator, f.precision, cfg.progress)
-    feats, labels = labelled_features(net, dataset, f.pooling, f.batch_size, f.num_workers, trainer)
+    feats, labels = labelled_features(
+        net, dataset, f.pooling, f.batch_size, f.num_workers, trainer, whitening
+    )
     cached = CachedFeatures(feats.numpy(), labels.numpy(), units, {"model": name, **settings})
     save_features(path, cached)
     return cached
@@ -306,7 +321,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     sets: dict[str, tuple[CachedFeatures, bool]] = {}
     for name, b in backbones(cfg, weights).items():
         if b.feature_set in cfg.feature_sets:
-            sets[name] = (backbone_features(name, b.net, units, classes, cfg, b.inputs), False)
+            sets[name] = (
+                backbone_features(name, b.net, units, classes, cfg, b.inputs, b.whitening),
+                False,
+            )
     if "morphometrics" in cfg.feature_sets:
         sets["morphometrics"] = (morphometric_table(units, classes, cfg), True)
     unknown = sorted(set(cfg.feature_sets) - {name.split(":")[0] for name in sets})

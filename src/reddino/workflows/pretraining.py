@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ from pytorch_lightning.utilities import rank_zero_only
 from reddino.callbacks import collapse_diagnoses, knn_curve
 from reddino.data.datamodules import PretrainDataModule
 from reddino.data.masking import SSLCollator
-from reddino.eval.pretrain_report import held_out_evaluation, review_figures
+from reddino.eval.pretrain_report import fit_export_whitening, held_out_evaluation, review_figures
 from reddino.eval.session import degeneracy_warnings, flat_scores, results_frame, results_table
+from reddino.eval.whitening import FeatureWhitening
 from reddino.runtime.config_checks import (
     check_config,
     check_crop_sizes,
@@ -69,10 +71,19 @@ def build_module(cfg: DictConfig, backbone: torch.nn.Module, fast: FastPath | No
     )
 
 
+@dataclass(frozen=True)
+class StartingPoint:
+    """The backbone as training starts (the baseline to beat) and, when ``init`` is an export that ships
+    one, the whitening of its features (so the baseline is scored as that export is)."""
+
+    backbone: torch.nn.Module
+    whitening: FeatureWhitening | None
+
+
 def build_training(
     cfg: DictConfig, units: pd.DataFrame | None = None
-) -> tuple[PretrainDataModule, DinoV2Module, torch.nn.Module]:
-    """Datamodule, LightningModule (fast path applied) and a copy of the backbone as training starts.
+) -> tuple[PretrainDataModule, DinoV2Module, StartingPoint]:
+    """Datamodule, LightningModule (fast path applied) and where training starts.
 
     ``units``: the pretraining units when already read (``run`` reads them first for the data-size
     rule); None reads ``data.pretrain_units``.
@@ -91,17 +102,20 @@ def build_training(
         pin_memory=cfg.data.loader.pin_memory or fast.pin_memory,
     )
     backbone = instantiate(cfg.model)
+    init_whitening = None
     if cfg.init is not None:  # continued pretraining: student and teacher start from these weights
-        init_backbone_(backbone, load_backbone(cfg.init, cfg.init_model_args))
+        loaded = load_backbone(cfg.init, cfg.init_model_args)
+        init_backbone_(backbone, loaded)
+        init_whitening = loaded.whitening
         log.info("backbone initialised from %s (heads start fresh)", cfg.init)
-    initial = copy.deepcopy(backbone)  # what training starts from: the baseline to beat
+    start = StartingPoint(copy.deepcopy(backbone), init_whitening)  # the baseline to beat
     module = build_module(cfg, backbone, fast)
     if fast.fused_attention:
         set_fused_attention_(module, True)
     if fast.compile_blocks:
         for nets in (module.student, module.teacher):
             compile_blocks_(nets["backbone"])
-    return datamodule, module, initial
+    return datamodule, module, start
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
@@ -130,7 +144,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         name = "config.yaml" if first else f"config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
         (out / name).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    datamodule, module, initial = build_training(cfg, units)
+    datamodule, module, start = build_training(cfg, units)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
@@ -142,19 +156,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "knn_curve": knn_curve(trainer.callbacks),
         "data_size_rule": {"units": len(units), "set": ruled},
     }
-    teacher = final_teacher(trainer, module, initial)  # collective under FSDP: every rank calls it
+    teacher = final_teacher(trainer, module, start.backbone)  # collective under FSDP: every rank calls it
     if trainer.is_global_zero:
         model_args = {
             k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"
         }
         arch = model_args.pop("arch")
         model_args.update(model_args.pop("overrides"))
-        weights = export_timm(teacher, out / "export", arch, model_args, cfg.augment.mean, cfg.augment.std)
+        whitening = fit_export_whitening(cfg, teacher, units) if cfg.whitening.enabled else None
+        if whitening is not None:
+            summary["whitening"] = {"fitted_on": whitening.fitted_on, "shrinkage": whitening.shrinkage}
+        weights = export_timm(
+            teacher, out / "export", arch, model_args, cfg.augment.mean, cfg.augment.std, whitening
+        )
         summary["exported"] = str(weights)
         if cfg.report.enabled:
             initial_name = "init_weights" if cfg.init is not None else "random_init"
             report, features, units = held_out_evaluation(
-                cfg, {"pretrained_teacher": teacher, initial_name: initial}
+                cfg,
+                {"pretrained_teacher": teacher, initial_name: start.backbone},
+                {"pretrained_teacher": whitening, initial_name: start.whitening},
             )
             summary.update(report)
             for warning in degeneracy_warnings(report["results"]):
