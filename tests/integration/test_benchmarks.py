@@ -108,3 +108,19 @@ def test_eval_speed_compares_our_scoring_with_the_reference_protocol_side_by_sid
     assert "reference: sklearn linear + one KNeighborsClassifier per k" in out
     assert "speed-up, reference / ours, same folds and features:" in out
     assert "weighted F1 20-NN - sklearn_20-NN: +0.00 points" in out  # identical k-NN votes
+
+
+def test_whitening_knn_scores_raw_and_whitened_teacher_and_random_init(tmp_path, make_cfg):
+    from reddino.workflows.pretraining import run
+
+    cfg = make_cfg("debug=fast", "report.enabled=false")
+    run(cfg)
+    out = run_script("benchmarks.whitening_knn", str(tmp_path / "run"), cache=Path(cfg.paths.cache_dir))
+    rows = [line for line in out.splitlines() if line.startswith(("teacher", "random init"))]
+    assert [r.split(":")[0] for r in rows] == [
+        "teacher, raw",
+        "teacher, whitened",
+        "random init, raw",
+        "random init, whitened",
+    ]
+    assert all("linear" in r and "knn1" in r and "knn3" in r for r in rows)
