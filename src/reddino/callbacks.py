@@ -156,6 +156,11 @@ class KnnProbe(pl.Callback):
     normalised per batch. Scores go to the loggers as ``probe/knn<k>_weighted_f1`` and into ``curve``
     (reddino-pretrain writes it to results.json). ``units`` is a config node (instantiated at setup, so
     a disabled probe never reads its data). Not available with sharded (FSDP) teachers.
+
+    ``whitening_shrinkage`` (not None): each probe also scores the CLS whitened as the export will be
+    (``probe/knn<k>_weighted_f1_whitened``), the whitening fitted on the probe units' own features (no
+    labels; the export's is fitted on pretraining units after training), so the curve follows what the
+    end-of-run report will score.
     """
 
     def __init__(
@@ -173,6 +178,7 @@ class KnnProbe(pl.Callback):
         std: list[float],
         batch_size: int,
         seed: int,
+        whitening_shrinkage: float | None,
     ) -> None:
         if every_n_steps < 1 or max_units < 2 or n_splits < 2 or batch_size < 1:
             raise ValueError(
@@ -192,6 +198,7 @@ class KnnProbe(pl.Callback):
         self.std = torch.tensor(std).view(1, 3, 1, 1) * 255.0
         self.batch_size = batch_size
         self.seed = seed
+        self.whitening_shrinkage = whitening_shrinkage
         self.curve: list[dict[str, float]] = []
         self._images: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
@@ -235,9 +242,10 @@ class KnnProbe(pl.Callback):
 
     @torch.no_grad()
     def score(self, backbone: torch.nn.Module, device: torch.device) -> dict[str, float]:
-        """Weighted F1 in percent per k, mean over the grouped folds."""
+        """Weighted F1 in percent per k, mean over the grouped folds (raw, and whitened when asked)."""
         from reddino.eval.features import FeatureExtractor
         from reddino.eval.session import score_feature_set
+        from reddino.eval.whitening import fit_whitening
 
         assert self._images is not None and self._labels is not None and self._splits is not None
         batches = (
@@ -246,8 +254,15 @@ class KnnProbe(pl.Callback):
         )
         feats, _ = FeatureExtractor(backbone, "cls").extract(batches)
         probes = {"linear": {"enabled": False}, "knn": {**self.knn, "enabled": True}}
-        scores = score_feature_set(feats, self._labels, self._splits, self.classes, probes, scale=False)
-        return {f"knn{k}_weighted_f1": 100.0 * scores[f"knn{k}"]["weighted_f1"]["mean"] for k in self.ks}
+        sets = {"": feats}
+        if self.whitening_shrinkage is not None:
+            sets["_whitened"] = fit_whitening(feats, self.whitening_shrinkage)(feats)
+        out = {}
+        for suffix, x in sets.items():
+            scores = score_feature_set(x, self._labels, self._splits, self.classes, probes, scale=False)
+            for k in self.ks:
+                out[f"knn{k}_weighted_f1{suffix}"] = 100.0 * scores[f"knn{k}"]["weighted_f1"]["mean"]
+        return out
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step

@@ -14,6 +14,7 @@ from reddino.data.datasets import LabelledUnitDataset, eval_transform
 from reddino.eval.features import labelled_features
 from reddino.eval.protocols import make_splits
 from reddino.eval.session import score_feature_set
+from reddino.eval.whitening import fit_whitening
 from reddino.ssl.backbone import build_backbone
 
 KNN = {"ks": [1, 3], "metric": "euclidean", "temperature": 0.07, "chunk_size": 7, "device": "cpu"}
@@ -48,6 +49,7 @@ def probe(units_node, **changes) -> KnnProbe:
         std=STD,
         batch_size=5,
         seed=0,
+        whitening_shrinkage=None,
     )
     return KnnProbe(**{**settings, **changes})
 
@@ -79,11 +81,12 @@ class Module:
 def test_probe_scores_equal_the_evaluation_path(tmp_path):
     units = labelled_units(tmp_path)
     units.to_parquet(tmp_path / "units.parquet")
-    p = probe(units_node(tmp_path / "units.parquet"))
+    p = probe(units_node(tmp_path / "units.parquet"), whitening_shrinkage=0.01)
     p.setup(FakeTrainer(), None, "fit")
     torch.manual_seed(0)
     net = tiny_vit()
     scores = p.score(net, torch.device("cpu"))
+    assert set(scores) == {f"knn{k}_weighted_f1{s}" for k in (1, 3) for s in ("", "_whitened")}
 
     ordered = units.sort_values("file", kind="stable").reset_index(drop=True)
     dataset = LabelledUnitDataset(ordered, eval_transform(16, MEAN, STD), ["a", "b"], 4)
@@ -97,9 +100,20 @@ def test_probe_scores_equal_the_evaluation_path(tmp_path):
         {"linear": {"enabled": False}, "knn": {**KNN, "enabled": True}},
         False,
     )
+    whitened = score_feature_set(
+        fit_whitening(feats, 0.01)(feats),
+        labels,
+        splits,
+        ["a", "b"],
+        {"linear": {"enabled": False}, "knn": {**KNN, "enabled": True}},
+        False,
+    )
     for k in (1, 3):
         assert scores[f"knn{k}_weighted_f1"] == pytest.approx(
             100 * expected[f"knn{k}"]["weighted_f1"]["mean"]
+        )
+        assert scores[f"knn{k}_weighted_f1_whitened"] == pytest.approx(
+            100 * whitened[f"knn{k}"]["weighted_f1"]["mean"]
         )
 
 
