@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from reddino.data.datasets import UnitDataset, eval_transform
+from reddino.data.datasets import DecodedUnitDataset, collate_decoded, eval_transform
 from reddino.data.io import BadImageError, read_rgb
 from reddino.data.manifest import UNIT_COLUMNS
 from reddino.data.prepare import CellSettings, PatchSettings, units_of_image
@@ -69,24 +69,6 @@ def find_units(
     return units[list(UNIT_COLUMNS)], skipped
 
 
-class _CropDataset(UnitDataset):
-    """Unit crops -> normalised tensors; an image that fails to decode now yields None (dropped)."""
-
-    def __getitem__(self, index: int) -> Any:
-        try:
-            return index, self.transform(self.crop(index))
-        except BadImageError:
-            return index, None
-
-
-def _collate(batch: list[tuple[int, Any]]) -> tuple[torch.Tensor | None, tuple[torch.Tensor, list[int]]]:
-    """(images of the decoded units or None, (their indices, indices of units whose image failed))."""
-    kept = [(i, x) for i, x in batch if x is not None]
-    index = torch.tensor([i for i, _ in kept], dtype=torch.long)
-    images = torch.stack([x for _, x in kept]) if kept else None
-    return images, (index, [i for i, x in batch if x is None])
-
-
 def embed(
     backbone: str | Path | LoadedBackbone,
     folder: str | Path,
@@ -113,8 +95,10 @@ def embed(
         cfg = OmegaConf.load(config_dir() / "unit_cutting" / "default.yaml")
         settings = {k: OmegaConf.to_container(cfg[k]) for k in UNIT_CUTTING_SECTIONS}
     units, skipped = find_units(Path(folder), mode, settings)
-    dataset = _CropDataset(units, eval_transform(loaded.input_size, loaded.mean, loaded.std), cache_size=8)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    dataset = DecodedUnitDataset(
+        units, eval_transform(loaded.input_size, loaded.mean, loaded.std), cache_size=8
+    )
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_decoded)
     if units.empty:  # nothing to feed the network (every file skipped, or an empty folder)
         embeddings, payloads = torch.zeros(0, loaded.model.num_features), []
     else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -127,3 +129,35 @@ def test_a_whitening_file_of_the_wrong_width_or_content_is_named(tiny_export):
     (folder / WHITENING_FILE).write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_backbone(folder)
+
+
+def test_the_fit_after_pretraining_skips_units_whose_image_no_longer_decodes(tmp_path, caplog):
+    """One bad file at the end of a long run is skipped and counted, not fatal."""
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from reddino.eval.pretrain_report import fit_export_whitening
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(3):
+        path = tmp_path / f"smear{i}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+        rows += [(str(path), x, x, x + 14, x + 14, "cell", "s", f"s/{i}", None) for x in range(0, 24, 2)]
+    (tmp_path / "smear1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)  # broken after preparation
+    columns = ["file", "x0", "y0", "x1", "y1", "unit", "source", "subject", "label"]
+    units = pd.DataFrame(rows, columns=columns)
+    cfg = OmegaConf.create(
+        {
+            "seed": 0,
+            "whitening": {"shrinkage": 0.01, "max_units": 1000, "batch_size": 5},
+            "crops": {"global_size": 28},
+            "augment": {"mean": [0.5] * 3, "std": [0.25] * 3},
+        }
+    )
+    torch.manual_seed(0)
+    net = build_backbone("vit_small_patch14_dinov2", 28, 14, 0.0, 1.0, False, TINY).eval()
+    with caplog.at_level("WARNING", logger="reddino.pretrain"):
+        whitening = fit_export_whitening(cfg, net, units)
+    assert whitening.fitted_on == 24 and whitening.dim == 32
+    assert "12 units skipped" in caplog.text and "smear1.png" in caplog.text

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from reddino.data.io import read_rgb
+from reddino.data.io import BadImageError, read_rgb
 from reddino.data.manifest import validate_units
 from reddino.data.patches import crop_padded
 
@@ -61,6 +61,27 @@ class UnitDataset(Dataset):
         if isinstance(sample, dict):
             sample["unit_index"] = index
         return sample
+
+
+class DecodedUnitDataset(UnitDataset):
+    """Unit crops -> ``(index, transformed crop)``; a unit whose image fails to decode gives
+    ``(index, None)``, so one bad file is skipped and reported instead of ending a long pass."""
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return index, self.transform(self.crop(index))
+        except BadImageError:
+            return index, None
+
+
+def collate_decoded(
+    batch: list[tuple[int, Any]],
+) -> tuple[torch.Tensor | None, tuple[torch.Tensor, list[int]]]:
+    """(images of the decoded units or None, (their indices, indices of units whose image failed))."""
+    kept = [(i, x) for i, x in batch if x is not None]
+    index = torch.tensor([i for i, _ in kept], dtype=torch.long)
+    images = torch.stack([x for _, x in kept]) if kept else None
+    return images, (index, [i for i, x in batch if x is None])
 
 
 def eval_transform(

@@ -4,6 +4,7 @@ figures (UMAP, PCA of patch tokens)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,26 +12,35 @@ import pandas as pd
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 
-from reddino.data.datasets import LabelledUnitDataset, UnitDataset, eval_transform
+from reddino.data.datasets import DecodedUnitDataset, LabelledUnitDataset, collate_decoded, eval_transform
 from reddino.eval.features import FeatureExtractor, labelled_features
 from reddino.eval.protocols import make_splits
 from reddino.eval.session import probes_description, score_feature_set
 from reddino.eval.whitening import FeatureWhitening, fit_whitening
 from reddino.runtime.dashboard import save_figure
 
+log = logging.getLogger("reddino.pretrain")
+
 
 def fit_export_whitening(cfg: DictConfig, teacher: torch.nn.Module, units: pd.DataFrame) -> FeatureWhitening:
     """``whitening.*``: the teacher's CLS whitening, fitted on up to ``max_units`` pretraining units (a
-    seeded sample, no labels), each fed as the evaluation feeds a unit (resized, normalised)."""
+    seeded sample, no labels), each fed as the evaluation feeds a unit (resized, normalised). Units whose
+    image no longer decodes are skipped and counted in the log, not fatal at the end of a long run."""
     w = cfg.whitening
     if len(units) > w.max_units:
         units = units.sample(n=w.max_units, random_state=cfg.seed)
     transform = eval_transform(cfg.crops.global_size, cfg.augment.mean, cfg.augment.std)
-    dataset = UnitDataset(units.reset_index(drop=True), lambda crop: (transform(crop), 0), 64)
+    dataset = DecodedUnitDataset(units.reset_index(drop=True), transform, 64)
+    loader = DataLoader(dataset, batch_size=w.batch_size, shuffle=False, collate_fn=collate_decoded)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    loader = torch.utils.data.DataLoader(dataset, batch_size=w.batch_size, shuffle=False)
-    features, _ = FeatureExtractor(teacher.to(device), "cls").extract(loader)
+    features, payloads = FeatureExtractor(teacher.to(device), "cls").extract(loader)
+    failed = [dataset.files[i] for _, bad in payloads for i in bad]
+    if failed:
+        log.warning(
+            "whitening fit: %d units skipped, their images do not decode (first: %s)", len(failed), failed[0]
+        )
     return fit_whitening(features, w.shrinkage)
 
 
