@@ -1,11 +1,11 @@
 """Whitening of frozen CLS features, fitted without labels and shipped with an export.
 
 Why: a network trained from scratch by DINO keeps the high-variance directions of its random init
-(stain, brightness, what surrounds the cell) and adds what it learns in directions of small variance,
-which Euclidean k-NN then hardly sees. Whitening (rotate onto the principal axes, divide each by its
-standard deviation, shrunk towards the mean variance) gives every direction an equal say. Measured on
-Chula (benchmarks/pretrain_real.md): it lifts a trained tiny ViT's 20-NN by 5 to 7 points and lowers
-its random init's, so it is part of a trained model's features, never of the random baseline.
+and adds what it learns in directions of small variance, which Euclidean k-NN then hardly sees.
+Whitening (rotate onto the principal axes, divide each by its standard deviation, shrunk towards the
+mean variance) gives every direction an equal say. Measured on Chula (benchmarks/pretrain_real.md): it
+lifts a trained tiny ViT's 20-NN by 5 to 7 points and lowers its random init's, so it is part of a
+trained model's features, not of the random baseline.
 
 It is fitted on the teacher's CLS of the model's own PRETRAINING units (no labels, no evaluation units)
 at the end of pretraining, written beside the weights (``whitening.safetensors``) and applied to the
