@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor, nn
 
+from reddino.eval.whitening import principal_axes
+
 SKLEARN_TOL = 1e-4  # LogisticRegression's default tol, which the reference keeps
 TORCH_TOL = 1e-6  # reaches the optimum in the nearly separable regime; cheap once preconditioned
 
@@ -123,12 +125,9 @@ class TorchLinearProbe(pl.LightningModule):
         without variance is not blown up.
         """
         weight, bias = self.raw_coefficients()
-        shift = x.mean(dim=0)
-        centred = x - shift
-        covariance = (centred.T @ centred).double() / max(x.shape[0], 1)  # the n x D^2 part in x's dtype
-        variance, basis = torch.linalg.eigh(covariance)
+        shift, variance, basis = principal_axes(x)
         ridge = 1.0 / (self.hparams.C * self.hparams.n_train)
-        scale = (variance.clamp_min(0.0) + ridge).sqrt()
+        scale = (variance + ridge).sqrt()
         self.shift.copy_(shift)
         self.basis.copy_(basis)
         self.scale.copy_(scale)

@@ -58,6 +58,19 @@ class FeatureWhitening:
         return h.hexdigest()[:16]
 
 
+def principal_axes(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean [D] in ``x``'s dtype, variances [D] >= 0 and orthonormal axes [D, D] as columns, float64)
+    of the rows of ``x``. The n x D^2 product runs in ``x``'s dtype, the eigendecomposition in float64.
+
+    Shared by the export's feature whitening and the linear probe's change of variables.
+    """
+    mean = x.mean(dim=0)
+    centred = x - mean
+    covariance = (centred.T @ centred).double() / max(x.shape[0], 1)
+    variance, basis = torch.linalg.eigh(covariance)
+    return mean, variance.clamp_min(0.0), basis
+
+
 def fit_whitening(features: Tensor, shrinkage: float) -> FeatureWhitening:
     """Shrunk PCA whitening of ``features`` [N, D]: ``scale_j = 1 / sqrt(var_j + shrinkage * mean(var))``.
 
@@ -68,11 +81,7 @@ def fit_whitening(features: Tensor, shrinkage: float) -> FeatureWhitening:
         raise ValueError(f"whitening.shrinkage must be > 0, got {shrinkage}")
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"whitening needs at least 2 feature rows [N, D], got {tuple(features.shape)}")
-    x = features.double()
-    mean = x.mean(dim=0)
-    centred = x - mean
-    variance, basis = torch.linalg.eigh(centred.T @ centred / x.shape[0])
-    variance = variance.clamp_min(0.0)
+    mean, variance, basis = principal_axes(features.double())
     ridge = shrinkage * variance.mean().clamp_min(torch.finfo(torch.float64).tiny)
     transform = basis / (variance + ridge).sqrt()
-    return FeatureWhitening(mean.float(), transform.float(), float(shrinkage), int(x.shape[0]))
+    return FeatureWhitening(mean.float(), transform.float(), float(shrinkage), int(features.shape[0]))
