@@ -207,6 +207,7 @@ def test_an_exports_whitening_is_applied_unless_switched_off(make_cfg, exported,
         "batch_effects.enabled=false",
         "umap.enabled=false",
         "progress=false",
+        f"features.cache_dir={tmp_path / 'features'}",  # its own: other tests cache these raw features
     )
     whitened = run(make_cfg(*common, config_name="eval"))
     raw_cfg = make_cfg(*common, "features.whitening=false", config_name="eval")
