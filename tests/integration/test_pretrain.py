@@ -96,7 +96,7 @@ def test_debug_run_writes_checkpoints_logs_export_and_report(make_cfg, tmp_path)
     assert results["whitening"] == {"fitted_on": min(n_units, cfg.whitening.max_units), "shrinkage": 0.01}
     assert from_export.whitening.fitted_on == results["whitening"]["fitted_on"]
     assert protocol["features"] == {
-        "pretrained_teacher": "final-norm CLS whitened (its export's)",
+        "pretrained_teacher": "final-norm CLS whitened (fitted on the pretraining units)",
         "random_init": "final-norm CLS, raw",
     }
 
@@ -120,6 +120,24 @@ def test_short_cpu_training_lowers_the_loss_without_collapse(make_cfg):
     uniform = 1 / cfg.model.overrides.embed_dim**0.5
     assert cls_std[-1] > 0.2 * uniform, f"collapsed: std of normalised CLS {cls_std[-1]:.4f} vs {uniform:.4f}"
     assert torch.isfinite(torch.tensor(loss)).all()
+
+
+def test_a_continued_runs_baseline_is_whitened_on_the_teachers_units(make_cfg):
+    """The start's whitening is refitted on the units the teacher's was fitted on (not the one its export
+    shipped, fitted on other data); a random init and an unwhitened run stay raw."""
+    from reddino.eval.pretrain_report import fit_export_whitening
+    from reddino.workflows.pretraining import start_whitening
+
+    cfg = make_cfg("debug=fast", "init=/some/export")
+    net = hydra_instantiate(cfg.model).eval()
+    units = hydra_instantiate(cfg.data.pretrain_units)
+    teacher_fit = fit_export_whitening(cfg, net, units)
+    baseline = start_whitening(cfg, net, units, teacher_fit)
+    assert baseline is not None and baseline.fitted_on == teacher_fit.fitted_on
+    torch.testing.assert_close(baseline.mean, teacher_fit.mean)  # same weights, same units: same fit
+    torch.testing.assert_close(baseline.transform, teacher_fit.transform)
+    assert start_whitening(cfg, net, units, None) is None
+    assert start_whitening(make_cfg("debug=fast"), net, units, teacher_fit) is None
 
 
 def test_nan_guard_names_the_diverged_term():
@@ -155,6 +173,10 @@ def test_continued_pretraining_from_a_dinov2_hub_file(make_cfg, tmp_path):
 
     summary = run(cfg)
     assert set(summary["results"]) == {"pretrained_teacher", "init_weights"}
+    # both rows whitened by a fit on this run's pretraining units: they differ only in the weights
+    assert set(summary["protocol"]["features"].values()) == {
+        "final-norm CLS whitened (fitted on the pretraining units)"
+    }
 
     with pytest.raises(ValueError, match="do not fit"):  # patch 8 cannot take patch-14 weights
         run(make_cfg(*common))

@@ -51,7 +51,7 @@ def held_out_evaluation(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], pd.DataFrame]:
     """The probes of ``report.probes`` on held-out labelled units (a source unseen in pretraining),
     folds stratified and grouped by smear/subject, scored as ``reddino-eval`` scores them. A backbone
-    named in ``whitenings`` gets its CLS whitened (as its export's features are), the others raw.
+    named in ``whitenings`` gets its CLS whitened by that fit, the others raw.
 
     Returns the report, each backbone's CLS features and the units they belong to.
     """
@@ -84,7 +84,8 @@ def held_out_evaluation(
             "classes": classes,
             "folds": f"{r.n_splits}-fold stratified, grouped by {r.group_by}",
             "features": {
-                name: "final-norm CLS" + (" whitened (its export's)" if whitenings.get(name) else ", raw")
+                name: "final-norm CLS"
+                + (" whitened (fitted on the pretraining units)" if whitenings.get(name) else ", raw")
                 for name in backbones
             },
             "probes": probes_description(r.probes),

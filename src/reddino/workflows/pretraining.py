@@ -7,7 +7,6 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,19 +70,11 @@ def build_module(cfg: DictConfig, backbone: torch.nn.Module, fast: FastPath | No
     )
 
 
-@dataclass(frozen=True)
-class StartingPoint:
-    """The backbone as training starts (the baseline to beat) and, when ``init`` is an export that ships
-    one, the whitening of its features (so the baseline is scored as that export is)."""
-
-    backbone: torch.nn.Module
-    whitening: FeatureWhitening | None
-
-
 def build_training(
     cfg: DictConfig, units: pd.DataFrame | None = None
-) -> tuple[PretrainDataModule, DinoV2Module, StartingPoint]:
-    """Datamodule, LightningModule (fast path applied) and where training starts.
+) -> tuple[PretrainDataModule, DinoV2Module, torch.nn.Module]:
+    """Datamodule, LightningModule (fast path applied) and a copy of the backbone as training starts
+    (the baseline the report scores the teacher against).
 
     ``units``: the pretraining units when already read (``run`` reads them first for the data-size
     rule); None reads ``data.pretrain_units``.
@@ -102,13 +93,10 @@ def build_training(
         pin_memory=cfg.data.loader.pin_memory or fast.pin_memory,
     )
     backbone = instantiate(cfg.model)
-    init_whitening = None
     if cfg.init is not None:  # continued pretraining: student and teacher start from these weights
-        loaded = load_backbone(cfg.init, cfg.init_model_args)
-        init_backbone_(backbone, loaded)
-        init_whitening = loaded.whitening
+        init_backbone_(backbone, load_backbone(cfg.init, cfg.init_model_args))
         log.info("backbone initialised from %s (heads start fresh)", cfg.init)
-    start = StartingPoint(copy.deepcopy(backbone), init_whitening)  # the baseline to beat
+    start = copy.deepcopy(backbone)  # the baseline to beat
     module = build_module(cfg, backbone, fast)
     if fast.fused_attention:
         set_fused_attention_(module, True)
@@ -124,6 +112,18 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     ]
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+
+
+def start_whitening(
+    cfg: DictConfig, start: torch.nn.Module, units: pd.DataFrame, teacher_whitening: FeatureWhitening | None
+) -> FeatureWhitening | None:
+    """The baseline row's whitening. Continued pretraining: the starting weights whitened by a fit on the
+    same pretraining units as the teacher's, so the two rows differ only in the weights (the starting
+    export's own whitening was fitted on the data it was trained on, not this run's).
+    A random init stays raw: it scores higher raw (docs/feature_whitening.md)."""
+    if cfg.init is None or teacher_whitening is None:
+        return None
+    return fit_export_whitening(cfg, start, units)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -156,7 +156,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "knn_curve": knn_curve(trainer.callbacks),
         "data_size_rule": {"units": len(units), "set": ruled},
     }
-    teacher = final_teacher(trainer, module, start.backbone)  # collective under FSDP: every rank calls it
+    teacher = final_teacher(trainer, module, start)  # collective under FSDP: every rank calls it
     if trainer.is_global_zero:
         model_args = {
             k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"
@@ -172,10 +172,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary["exported"] = str(weights)
         if cfg.report.enabled:
             initial_name = "init_weights" if cfg.init is not None else "random_init"
+            baseline_whitening = start_whitening(cfg, start, units, whitening)
             report, features, units = held_out_evaluation(
                 cfg,
-                {"pretrained_teacher": teacher, initial_name: start.backbone},
-                {"pretrained_teacher": whitening, initial_name: start.whitening},
+                {"pretrained_teacher": teacher, initial_name: start},
+                {"pretrained_teacher": whitening, initial_name: baseline_whitening},
             )
             summary.update(report)
             for warning in degeneracy_warnings(report["results"]):
