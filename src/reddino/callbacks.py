@@ -152,8 +152,8 @@ class KnnProbe(pl.Callback):
     """The learning curve: every ``every_n_steps`` (and before the first step), k-NN weighted F1 of the
     teacher's CLS features on a small labelled held-out set, folds grouped by ``group_by``.
 
-    Cheap by design: ``max_units`` units are cut and resized once (uint8) when training starts and only
-    normalised per batch. Scores go to the loggers as ``probe/knn<k>_weighted_f1`` and into ``curve``
+    Cheap by design: ``max_units`` units (None: all) are cut and resized once (uint8) when training starts
+    and only normalised per batch. Scores go to the loggers as ``probe/knn<k>_weighted_f1`` and into ``curve``
     (reddino-pretrain writes it to results.json). ``units`` is a config node (instantiated at setup, so
     a disabled probe never reads its data). Not available with sharded (FSDP) teachers.
 
@@ -169,7 +169,7 @@ class KnnProbe(pl.Callback):
         units: Any,
         classes: list[str],
         every_n_steps: int,
-        max_units: int,
+        max_units: int | None,
         knn: Any,
         n_splits: int,
         group_by: str,
@@ -180,9 +180,10 @@ class KnnProbe(pl.Callback):
         seed: int,
         whitening_shrinkage: float | None,
     ) -> None:
-        if every_n_steps < 1 or max_units < 2 or n_splits < 2 or batch_size < 1:
+        if every_n_steps < 1 or (max_units is not None and max_units < 2) or n_splits < 2 or batch_size < 1:
             raise ValueError(
-                "KnnProbe needs every_n_steps >= 1, max_units >= 2, n_splits >= 2 and batch_size >= 1"
+                "KnnProbe needs every_n_steps >= 1, max_units >= 2 (or null: all), n_splits >= 2 and "
+                "batch_size >= 1"
             )
         self.enabled = enabled
         self.units_config = units
@@ -215,7 +216,7 @@ class KnnProbe(pl.Callback):
         from reddino.eval.protocols import make_splits
 
         units = instantiate(self.units_config)
-        if len(units) > self.max_units:
+        if self.max_units is not None and len(units) > self.max_units:
             units = units.sample(n=self.max_units, random_state=self.seed)
         units = units.sort_values("file", kind="stable").reset_index(drop=True)  # each smear decoded once
         size = self.input_size

@@ -81,8 +81,9 @@ class Module:
 def test_probe_scores_equal_the_evaluation_path(tmp_path):
     units = labelled_units(tmp_path)
     units.to_parquet(tmp_path / "units.parquet")
-    p = probe(units_node(tmp_path / "units.parquet"), whitening_shrinkage=0.01)
+    p = probe(units_node(tmp_path / "units.parquet"), whitening_shrinkage=0.01, max_units=None)
     p.setup(FakeTrainer(), None, "fit")
+    assert len(p._labels) == len(units)  # max_units None: every unit
     torch.manual_seed(0)
     net = tiny_vit()
     scores = p.score(net, torch.device("cpu"))
@@ -141,3 +142,9 @@ def test_probe_records_a_curve_once_per_step_and_a_disabled_one_reads_nothing(tm
 def test_probe_settings_are_checked():
     with pytest.raises(ValueError, match="every_n_steps >= 1"):
         probe(None, every_n_steps=0)
+
+
+@pytest.mark.parametrize("max_units", [0, 1])
+def test_probe_refuses_fewer_than_two_units(max_units):
+    with pytest.raises(ValueError, match=r"max_units >= 2 \(or null: all\)"):
+        probe(units_node("unused.parquet"), max_units=max_units)
