@@ -124,3 +124,51 @@ def test_whitening_knn_scores_raw_and_whitened_teacher_and_random_init(tmp_path,
         "random init, whitened",
     ]
     assert all("linear" in r and "knn1" in r and "knn3" in r for r in rows)
+
+
+def test_continued_curve_reads_the_curve_against_its_start_and_pairs_the_report(tmp_path):
+    def scores(linear: float, knn1: float, knn20: float) -> dict:
+        return {
+            p: {"weighted_f1": {"mean": v}} for p, v in (("linear", linear), ("knn1", knn1), ("knn20", knn20))
+        }
+
+    runs = []
+    for seed, (dip, end, gain) in enumerate([(-0.4, 0.5, 0.004), (-1.5, -0.2, 0.002)]):
+        curve = [
+            {"step": s, "knn1_weighted_f1_whitened": 60 + d, "knn20_weighted_f1_whitened": 64 + d}
+            for s, d in ((0, 0.0), (50, dip), (100, end))
+        ]
+        results = {
+            "pretrained_teacher": scores(0.65 + gain, 0.58 + gain, 0.64 + gain),
+            "init_weights": scores(0.65, 0.58, 0.64),
+        }
+        run = tmp_path / f"C{seed}"
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps({"knn_curve": curve, "results": results}))
+        runs.append(str(run))
+    out = run_script("benchmarks.continued_curve", *runs, cache=tmp_path)
+    assert "1-NN lowest -0.4, end +0.5" in out and "20-NN lowest -1.5, end -0.2" in out
+    assert "report, teacher - init_weights: linear +0.40, knn1 +0.40, knn20 +0.40" in out
+    assert "over 2 runs" in out and "knn20: +0.30 [-0.97, +1.57]" in out
+
+    bare = tmp_path / "scratch"  # a from-scratch run has no starting weights to compare with
+    bare.mkdir()
+    (bare / "results.json").write_text(
+        json.dumps(
+            {
+                "knn_curve": [{"step": 0, "knn1_weighted_f1_whitened": 1, "knn20_weighted_f1_whitened": 1}],
+                "results": {
+                    "pretrained_teacher": scores(0.5, 0.5, 0.5),
+                    "random_init": scores(0.4, 0.4, 0.4),
+                },
+            }
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.continued_curve", str(bare)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "no init_weights row: not a continued run" in done.stderr

@@ -15,7 +15,15 @@ from matplotlib.container import BarContainer
 from omegaconf import OmegaConf
 
 from reddino.ablations import ERROR_FILE
-from reddino.ablations.summary import FIGURE_PNG, SUMMARY_CSV, SUMMARY_MD, collect, main, write_summary
+from reddino.ablations.summary import (
+    FIGURE_PNG,
+    SUMMARY_CSV,
+    SUMMARY_MD,
+    collect,
+    main,
+    mean_interval,
+    write_summary,
+)
 from reddino.viz.plots import ablation_bars
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -248,3 +256,11 @@ def test_sweep_grids_live_in_their_own_group_and_set_only_the_sweeper(compose):
         assert not _changed(plain, swept), f"sweep={grid} changes run settings"
         names = compose("experiment=embedded", f"sweep={grid}", hydra=True).hydra.sweeper.params.ablation
         assert set(names.split(",")) <= set(VARIANTS)
+
+
+def test_mean_interval_is_the_t_interval_and_has_no_bounds_below_two_values():
+    mean, lo, hi = mean_interval([1.0, 2.0, 3.0])
+    assert (mean, lo, hi) == pytest.approx((2.0, 2.0 - 2.4841, 2.0 + 2.4841), abs=1e-4)  # 4.3027 / sqrt(3)
+    one = mean_interval([1.5])
+    assert one[0] == 1.5 and all(v != v for v in one[1:])  # NaN bounds
+    assert all(v != v for v in mean_interval([]))

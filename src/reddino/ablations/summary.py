@@ -138,13 +138,25 @@ def _with_seed_key(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(seed_key=["none" if pd.isna(v) else int(v) for v in frame["seed"]])
 
 
+def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and its ``CONFIDENCE`` t interval (NaN bounds with fewer than two values, NaN mean with none)."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(np.mean(values))
+    if n == 1:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * np.std(values, ddof=1) / np.sqrt(n))
+    return mean, mean - half, mean + half
+
+
 def paired_differences(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Per variant (and model, k): its ``metric`` minus the baseline job's with the same seed, over the
     seeds both finished, as the mean difference and its 95 % t interval (points; NaN bounds with one
     seed). A seed changes the pretraining and the report's folds alike, so pairing by seed removes what
     the two recipes share; a single run cannot rank recipes closer than its seed-to-seed spread."""
-    from scipy import stats
-
     scored = _with_seed_key(frame[frame["status"] == "ok"])
     base = scored[scored["axis"] == "baseline"].set_index(["seed_key", "model", "probe"])[f"{metric}_mean"]
     rows = []
@@ -156,12 +168,7 @@ def paired_differences(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
             if (r["seed_key"], model, k) in base.index
         ]
         n = len(diffs)
-        mean = float(np.mean(diffs)) if n else float("nan")
-        half = (
-            float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * np.std(diffs, ddof=1) / np.sqrt(n))
-            if n > 1
-            else float("nan")
-        )
+        mean, lo, hi = mean_interval(diffs)
         rows.append(
             {
                 "axis": axis,
@@ -170,8 +177,8 @@ def paired_differences(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
                 "probe": k,
                 "paired_seeds": n,
                 "paired_diff": mean,
-                "paired_ci_low": mean - half,
-                "paired_ci_high": mean + half,
+                "paired_ci_low": lo,
+                "paired_ci_high": hi,
                 "paired_per_seed": " ".join(f"{d:+.1f}" for d in diffs),
             }
         )
