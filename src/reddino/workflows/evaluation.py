@@ -178,20 +178,15 @@ def newest_export(runs: Path) -> Path:
 
 
 def backbone_features(
-    name: str,
-    net: torch.nn.Module,
-    units: pd.DataFrame,
-    classes: list[str],
-    cfg: DictConfig,
-    inputs: dict[str, Any],
-    whitening: FeatureWhitening | None,
+    name: str, backbone: Backbone, units: pd.DataFrame, classes: list[str], cfg: DictConfig
 ) -> CachedFeatures:
-    """Cached frozen features of ``net`` on ``units`` (computed by a Lightning predict pass on a miss).
+    """Cached frozen features of ``backbone`` on ``units`` (computed by a Lightning predict pass on a miss).
 
-    ``inputs`` (size, mean, std) is what the network is fed; with the pooling, the whitening and the
-    label map it keys the cache, so a change to any of them recomputes instead of reading stale features.
+    Its ``inputs`` (size, mean, std: what the network is fed), with the pooling, its whitening and the
+    label map, key the cache, so a change to any of them recomputes instead of reading stale features.
     """
     f = cfg.features
+    net, inputs, whitening = backbone.net, backbone.inputs, backbone.whitening
     transform = eval_transform(inputs["size"], inputs["mean"], inputs["std"])
     settings = {
         "pooling": f.pooling,
@@ -321,10 +316,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     sets: dict[str, tuple[CachedFeatures, bool]] = {}
     for name, b in backbones(cfg, weights).items():
         if b.feature_set in cfg.feature_sets:
-            sets[name] = (
-                backbone_features(name, b.net, units, classes, cfg, b.inputs, b.whitening),
-                False,
-            )
+            sets[name] = (backbone_features(name, b, units, classes, cfg), False)
     if "morphometrics" in cfg.feature_sets:
         sets["morphometrics"] = (morphometric_table(units, classes, cfg), True)
     unknown = sorted(set(cfg.feature_sets) - {name.split(":")[0] for name in sets})
